@@ -1,0 +1,122 @@
+"""Public functions: argument checking, then dispatch to the backend where the data lives."""
+
+import numpy as np
+
+from . import _checks
+from . import cpu as _cpu
+
+CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _cpu_array(a, name):
+    if a is not None and not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray or a CUDA device array, got {type(a).__name__}")
+    return a
+
+
+def _select_backend(arrays):
+    """Return (backend module, float dtypes, statistics dtypes) for the named arrays.
+
+    ``arrays`` maps argument names to values (None allowed).  All non-None arrays must
+    live on the same side: host (NumPy) or device (CUDA).
+    """
+    for name, a in arrays.items():
+        _cpu_array(a, name)
+    return _cpu, CPU_DTYPES
+
+
+def batch_stats(x, *, layout="NCHW"):
+    """Per-channel mean and population (biased) variance, in one pass over ``x``.
+
+    Parameters
+    ----------
+    x : float32 or float64 array of rank 2-5, channels on axis 1 (``layout="NCHW"``:
+        (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)) or on the last axis
+        (``layout="NHWC"``).
+    layout : "NCHW" or "NHWC".
+
+    Returns
+    -------
+    (mean, var) : float64 arrays of shape (C,).
+    """
+    backend, dtypes = _select_backend({"x": x})
+    _checks.check_layout(layout)
+    _checks.check_input(x, "x", dtypes)
+    return backend.batch_stats(x, layout)
+
+
+def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+                       training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
+    """Batch-norm forward pass: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Parameters
+    ----------
+    x : float32 or float64 array of rank 2-5 in ``layout`` (see :func:`batch_stats`).
+    weight, bias : (C,) arrays of x's dtype, or None (scale 1, shift 0).
+    running_mean, running_var : (C,) arrays of x's dtype, or None (both or neither).
+        Training updates them in place: ``r = (1 - momentum) * r + momentum * batch``,
+        with the unbiased (n / (n - 1)) batch variance for ``running_var``.  Eval
+        (``training=False``) normalizes with them and requires them.
+    training : bool; batch statistics when True, running statistics when False.
+    momentum : float in [0, 1].
+    eps : float > 0, added to the variance.
+    layout : "NCHW" or "NHWC".
+    out : optional array shaped and typed like ``x`` to write ``y`` into.
+
+    Returns
+    -------
+    (y, save_mean, save_invstd) : ``y`` shaped like ``x`` in its dtype (``out`` when
+        given); ``save_mean`` and ``save_invstd = 1 / sqrt(var + eps)`` float64 (C,),
+        the batch statistics (biased var) when training, the running ones in eval.
+        Statistics are float64 so the backward pass sees the mean unrounded.
+    """
+    backend, dtypes = _select_backend({"x": x, "weight": weight, "bias": bias,
+                                       "running_mean": running_mean, "running_var": running_var,
+                                       "out": out})
+    _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                               layout, dtypes, x.dtype if hasattr(x, "dtype") else None)
+    _checks.check_out(out, "out", x.shape, x.dtype)
+    return backend.batch_norm_forward(x, weight, bias, running_mean, running_var, bool(training),
+                                      float(momentum), float(eps), layout, out)
+
+
+def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
+                        training=True, layout="NCHW", out=None):
+    """Batch-norm backward pass: gradients with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    dy : gradient of the loss with respect to ``y``; shape and dtype of ``x``.
+    x : the forward input (float32 or float64, rank 2-5, in ``layout``).
+    save_mean, save_invstd : (C,) float32 or float64, as returned by
+        :func:`batch_norm_forward` with the same ``training``.
+    weight : (C,) array of x's dtype, or None (scale 1).
+    training : bool; True differentiates through the batch statistics, False treats
+        mean and invstd as constants (frozen batch norm).
+    layout : "NCHW" or "NHWC".
+    out : optional array shaped and typed like ``x`` to write ``dx`` into.
+
+    Returns
+    -------
+    (dx, dweight, dbias) : ``dx`` like ``x``; ``dweight = sum(dy * x_hat)`` and
+        ``dbias = sum(dy)``, (C,) in x's dtype (returned even when ``weight`` is None).
+    """
+    backend, dtypes = _select_backend({"dy": dy, "x": x, "save_mean": save_mean,
+                                       "save_invstd": save_invstd, "weight": weight, "out": out})
+    _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
+                                dtypes, x.dtype if hasattr(x, "dtype") else None, dtypes)
+    _checks.check_out(out, "out", x.shape, x.dtype)
+    return backend.batch_norm_backward(dy, x, save_mean, save_invstd, weight, bool(training),
+                                       layout, out)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, layout="NCHW"):
+    """Batch normalization with PyTorch's ``F.batch_norm`` argument order; returns ``y``.
+
+    Same arguments and semantics as :func:`batch_norm_forward` (note the different
+    positional order and the default ``training=False``, as in PyTorch).
+    """
+    y, _, _ = batch_norm_forward(x, weight, bias, running_mean, running_var, training=training,
+                                 momentum=momentum, eps=eps, layout=layout)
+    return y

@@ -1,0 +1,184 @@
+"""Argument checking shared by every backend and by the NumPy reference.
+
+Every public entry point validates its arguments here, before any kernel runs and
+before any running statistic is touched, so a call that raises leaves the caller's
+state as it was.  The checks look only at ``shape``, ``dtype``, ``ndim`` and
+``strides``, which NumPy arrays and CUDA device arrays share.
+"""
+
+import math
+
+import numpy as np
+
+LAYOUTS = ("NCHW", "NHWC")
+MIN_RANK, MAX_RANK = 2, 5
+
+
+def dtype_name(array):
+    """The dtype of ``array`` as a short string (works for any array-like)."""
+    return str(getattr(array, "dtype", type(array).__name__))
+
+
+def check_layout(layout):
+    """Return ``layout`` if it is one of :data:`LAYOUTS`, else raise ValueError."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout: expected 'NCHW' or 'NHWC', got {layout!r}")
+    return layout
+
+
+def channel_axis(ndim, layout):
+    """Index of the channel axis for an input of rank ``ndim`` in ``layout``."""
+    return 1 if layout == "NCHW" else ndim - 1
+
+
+def check_input(x, name, float_dtypes):
+    """Check the data tensor ``x`` (input or gradient) and return it unchanged.
+
+    Expected: an array object (NumPy or device array) of rank 2 to 5, non-empty,
+    with a dtype in ``float_dtypes``.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype") or isinstance(x, np.generic):
+        raise TypeError(
+            f"{name}: expected an array (numpy.ndarray or a CUDA device array), "
+            f"got {type(x).__name__}"
+        )
+    if not MIN_RANK <= len(x.shape) <= MAX_RANK:
+        raise ValueError(
+            f"{name}: expected an array of rank {MIN_RANK} to {MAX_RANK} "
+            f"((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), "
+            f"got rank {len(x.shape)} with shape {tuple(x.shape)}"
+        )
+    if np.dtype(x.dtype) not in float_dtypes:
+        allowed = " or ".join(str(d) for d in float_dtypes)
+        raise TypeError(f"{name}: expected dtype {allowed}, got {dtype_name(x)}")
+    if 0 in tuple(x.shape):
+        raise ValueError(f"{name}: expected a non-empty array, got shape {tuple(x.shape)}")
+    return x
+
+
+def values_per_channel(shape, layout):
+    """Number of values each channel's statistics reduce over."""
+    axis = channel_axis(len(shape), layout)
+    return math.prod(shape) // shape[axis]
+
+
+def check_channel_vector(v, name, num_channels, dtype):
+    """Check a per-channel vector (weight, bias, running stats, saved stats).
+
+    ``None`` passes through.  Otherwise expected: rank 1, length ``num_channels``,
+    dtype ``dtype`` (a single dtype or a tuple of accepted dtypes).
+    """
+    if v is None:
+        return None
+    if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+        raise TypeError(f"{name}: expected an array of shape ({num_channels},), got {type(v).__name__}")
+    if tuple(v.shape) != (num_channels,):
+        raise ValueError(
+            f"{name}: expected shape ({num_channels},) (one value per channel), got {tuple(v.shape)}"
+        )
+    accepted = dtype if isinstance(dtype, tuple) else (dtype,)
+    if np.dtype(v.dtype) not in accepted:
+        expected = " or ".join(str(np.dtype(d)) for d in accepted)
+        raise TypeError(f"{name}: expected dtype {expected}, got {dtype_name(v)}")
+    return v
+
+
+def check_writable(v, name):
+    """Raise ValueError if the NumPy array ``v`` cannot be written in place."""
+    flags = getattr(v, "flags", None)
+    if isinstance(v, np.ndarray) and not flags.writeable:
+        raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
+
+
+def check_scalar(value, name, low, high, low_open):
+    """Check a real scalar lies in [low, high] (or (low, high] when ``low_open``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    if math.isnan(value) or below or value > high:
+        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
+    return value
+
+
+def check_running_stats(running_mean, running_var, num_channels, dtype, training):
+    """Check the running statistics pair; both or neither must be given."""
+    if (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise ValueError(f"{missing}: expected an array when {given} is given (pass both or neither), got None")
+    if running_mean is None:
+        if not training:
+            raise ValueError(
+                "running_mean, running_var: expected running statistics when training=False "
+                "(eval mode normalizes with them), got None"
+            )
+        return
+    check_channel_vector(running_mean, "running_mean", num_channels, dtype)
+    check_channel_vector(running_var, "running_var", num_channels, dtype)
+    if training:
+        check_writable(running_mean, "running_mean")
+        check_writable(running_var, "running_var")
+
+
+def check_out(out, name, shape, dtype):
+    """Check a caller-provided output buffer: same shape and dtype as expected, writable."""
+    if out is None:
+        return None
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"{name}: expected an array of shape {tuple(shape)}, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if np.dtype(out.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {dtype_name(out)}")
+    check_writable(out, name)
+    return out
+
+
+def check_training_size(shape, layout):
+    """Training needs at least two values per channel (as PyTorch)."""
+    if values_per_channel(shape, layout) < 2:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
+        )
+
+
+def check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                       layout, float_dtypes, param_dtype):
+    """Validate every argument of a forward call.  Returns the number of channels."""
+    layout = check_layout(layout)
+    check_input(x, "x", float_dtypes)
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+    check_scalar(eps, "eps", 0.0, math.inf, low_open=True)
+    check_scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
+    num_channels = x.shape[channel_axis(len(x.shape), layout)]
+    check_channel_vector(weight, "weight", num_channels, param_dtype)
+    check_channel_vector(bias, "bias", num_channels, param_dtype)
+    check_running_stats(running_mean, running_var, num_channels, param_dtype, training)
+    if training:
+        check_training_size(x.shape, layout)
+    return num_channels
+
+
+def check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
+                        float_dtypes, param_dtype, stat_dtypes):
+    """Validate every argument of a backward call.  Returns the number of channels."""
+    layout = check_layout(layout)
+    check_input(x, "x", float_dtypes)
+    check_input(dy, "dy", float_dtypes)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if np.dtype(dy.dtype) != np.dtype(x.dtype):
+        raise TypeError(f"dy: expected the dtype of x ({dtype_name(x)}), got {dtype_name(dy)}")
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+    num_channels = x.shape[channel_axis(len(x.shape), layout)]
+    for value, name in ((save_mean, "save_mean"), (save_invstd, "save_invstd")):
+        if value is None:
+            raise ValueError(f"{name}: expected an array of shape ({num_channels},), got None")
+        check_channel_vector(value, name, num_channels, stat_dtypes)
+    check_channel_vector(weight, "weight", num_channels, param_dtype)
+    if training:
+        check_training_size(x.shape, layout)
+    return num_channels

@@ -1,0 +1,290 @@
+"""Host driver of the CPU backend: picks the kernel that matches the memory order, plans
+the work split, and does the O(C) per-channel algebra in float64.
+
+Arguments arrive already validated by :mod:`fastbn._api`.
+
+Memory order.  Whatever the logical ``layout``, an array whose bytes are channel-first
+(each (n, c) plane contiguous) runs the NCHW "planes" kernels on an (N, C, S) view, and
+one whose bytes are channel-last runs the NHWC "rows" kernels on an (M, C) view; e.g. a
+PyTorch ``channels_last`` tensor seen as NCHW runs the NHWC kernels without a copy.
+Anything else (non-contiguous, negative strides) is copied once into the layout's
+natural order.  Outputs are allocated in the order the kernels ran in.
+
+Accuracy in float32.  ``y = (x - mean) * scale + bias`` must not be evaluated as
+``x * a + b``: on offset data (x = 1e6 + 0.01 * randn) ``b`` is ~1e8 and float32 rounding
+of the product alone swamps y.  The mean is split into ``center = float32(mean)`` and
+``mean - center``; ``x - center`` is exact for x near the mean (Sterbenz) and the small
+remainder is folded into the per-channel shift, so each element costs one subtraction
+and one fused multiply-add in the input's dtype.
+"""
+
+import math
+
+import numpy as np
+
+from .nchw import nchw_backward_dx, nchw_backward_reduce, nchw_scale_shift, nchw_stats_partials
+from .nhwc import nhwc_backward_dx, nhwc_backward_reduce, nhwc_scale_shift, nhwc_stats_partials
+from .welford import merge_partials
+
+PLANES, ROWS = "planes", "rows"
+
+#: Values per NCHW work item: big enough to amortize the item's setup, small enough
+#: that a few planes still split over all threads.
+PLANE_BLOCK = 1 << 14
+#: Values per NHWC tile (row chunk x column block).
+ROW_TILE = 1 << 14
+#: NHWC column-block width: bounds the per-tile accumulators (2 x 16 KiB of float64).
+COLS_PER_BLOCK = 2048
+#: NHWC rows are folded until a row holds at least this many values (vector lanes).
+MIN_ROW_WIDTH = 64
+
+
+# --------------------------------------------------------------------------- layout
+
+def _channel_first(a, layout):
+    return a if layout == "NCHW" else np.moveaxis(a, -1, 1)
+
+
+def _channel_last(a, layout):
+    return a if layout == "NHWC" else np.moveaxis(a, 1, -1)
+
+
+def _has_planes(shape_channel_first):
+    return len(shape_channel_first) > 2 and math.prod(shape_channel_first[2:]) > 1
+
+
+def memory_order(x, layout):
+    """The kernel family for ``x``: PLANES if its bytes are channel-first, else ROWS."""
+    cf = _channel_first(x, layout)
+    if _has_planes(cf.shape) and cf.flags.c_contiguous:
+        return PLANES
+    if _channel_last(x, layout).flags.c_contiguous:
+        return ROWS
+    # Neither: it will be copied, into the layout's natural order.
+    return PLANES if layout == "NCHW" and _has_planes(cf.shape) else ROWS
+
+
+def _is_contiguous_in(a, layout, order):
+    view = _channel_first(a, layout) if order == PLANES else _channel_last(a, layout)
+    return view.flags.c_contiguous
+
+
+def kernel_view(a, layout, order):
+    """``a`` as the C-contiguous (N, C, S) or (M, C) array the kernels take (copied if needed)."""
+    if order == PLANES:
+        cf = np.ascontiguousarray(_channel_first(a, layout))
+        return cf.reshape(cf.shape[0], cf.shape[1], -1)
+    cl = np.ascontiguousarray(_channel_last(a, layout))
+    return cl.reshape(-1, cl.shape[-1])
+
+
+def new_output(x, layout, order):
+    """An uninitialized array shaped like ``x`` whose bytes are in ``order``."""
+    if order == PLANES:
+        buf = np.empty(_channel_first(x, layout).shape, dtype=x.dtype)
+        return buf if layout == "NCHW" else np.moveaxis(buf, 1, -1)
+    buf = np.empty(_channel_last(x, layout).shape, dtype=x.dtype)
+    return buf if layout == "NHWC" else np.moveaxis(buf, -1, 1)
+
+
+def _same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides)
+
+
+def _output_target(out, inputs, layout, order):
+    """Where the kernel writes: ``out`` itself when it is in ``order`` and cannot be
+    clobbered mid-kernel, else a fresh buffer (copied into ``out`` afterwards).
+
+    Elementwise kernels read and write the same index, so ``out`` may *be* an input;
+    a partial or shifted overlap would read already-written values, so it gets a buffer.
+    """
+    if out is None:
+        return new_output(inputs[0], layout, order)
+    if _is_contiguous_in(out, layout, order) and all(
+            _same_view(out, a) or not np.may_share_memory(out, a) for a in inputs):
+        return out
+    return new_output(inputs[0], layout, order)
+
+
+def _finish_output(target, out):
+    if out is not None and target is not out:
+        out[...] = target
+        return out
+    return target
+
+
+# --------------------------------------------------------------------------- work plans
+
+def _plane_partials_shape(x3):
+    blocks_per_plane = -(-x3.shape[2] // PLANE_BLOCK)
+    counts = np.full(blocks_per_plane, float(PLANE_BLOCK))
+    counts[-1] = x3.shape[2] - PLANE_BLOCK * (blocks_per_plane - 1)
+    return (x3.shape[1], x3.shape[0] * blocks_per_plane), np.tile(counts, x3.shape[0])
+
+
+def _row_fold(num_rows, num_cols):
+    """How many rows to fold into one kernel row (1 when channels already fill the lanes)."""
+    if num_cols >= MIN_ROW_WIDTH:
+        return 1
+    return max(1, min(num_rows, -(-MIN_ROW_WIDTH // num_cols)))
+
+
+def _row_pieces(*arrays):
+    """Split (M, C) arrays into (folded main part, fold) and (tail rows, 1) pieces."""
+    num_rows, num_cols = arrays[0].shape
+    fold = _row_fold(num_rows, num_cols)
+    main_rows = num_rows // fold * fold
+    pieces = [(tuple(a[:main_rows].reshape(main_rows // fold, fold * num_cols) for a in arrays), fold)]
+    if main_rows < num_rows:
+        pieces.append((tuple(a[main_rows:] for a in arrays), 1))
+    return pieces
+
+
+def _rows_per_chunk(num_cols):
+    return max(1, ROW_TILE // min(num_cols, COLS_PER_BLOCK))
+
+
+def _chunk_counts(num_rows, rows_per_chunk):
+    num_chunks = -(-num_rows // rows_per_chunk)
+    counts = np.full(num_chunks, float(rows_per_chunk))
+    counts[-1] = num_rows - rows_per_chunk * (num_chunks - 1)
+    return counts
+
+
+# --------------------------------------------------------------------------- passes
+
+def _stats(xv, order):
+    """Per-channel (mean, biased var), float64, of a kernel view."""
+    num_channels = xv.shape[1]
+    if order == PLANES:
+        shape, counts = _plane_partials_shape(xv)
+        part_mean, part_m2 = np.empty(shape), np.empty(shape)
+        nchw_stats_partials(xv, PLANE_BLOCK, part_mean, part_m2)
+    else:
+        all_counts, all_means, all_m2 = [], [], []
+        for (piece,), fold in _row_pieces(xv):
+            rows_per_chunk = _rows_per_chunk(piece.shape[1])
+            chunk_counts = _chunk_counts(piece.shape[0], rows_per_chunk)
+            pm = np.empty((chunk_counts.size, piece.shape[1]))
+            p2 = np.empty_like(pm)
+            nhwc_stats_partials(piece, rows_per_chunk, COLS_PER_BLOCK, pm, p2)
+            # Unfold virtual channels: (chunks, fold * C) -> (chunks * fold, C) partials.
+            all_means.append(pm.reshape(-1, num_channels))
+            all_m2.append(p2.reshape(-1, num_channels))
+            all_counts.append(np.repeat(chunk_counts, fold))
+        counts = np.concatenate(all_counts)
+        part_mean = np.ascontiguousarray(np.concatenate(all_means).T)
+        part_m2 = np.ascontiguousarray(np.concatenate(all_m2).T)
+    mean, var = np.empty(num_channels), np.empty(num_channels)
+    merge_partials(counts, part_mean, part_m2, mean, var)
+    return mean, var
+
+
+def _scale_shift(xv, yv, order, center, scale, shift):
+    """yv = (xv - center) * scale + shift per channel; vectors already in xv's dtype."""
+    if order == PLANES:
+        nchw_scale_shift(xv, center, scale, shift, PLANE_BLOCK, yv)
+        return
+    for (xp, yp), fold in _row_pieces(xv, yv):
+        nhwc_scale_shift(xp, np.tile(center, fold), np.tile(scale, fold), np.tile(shift, fold),
+                         _rows_per_chunk(xp.shape[1]), yp)
+
+
+def _backward_sums(dyv, xv, order, mean):
+    """Per-channel float64 sum(dy) and sum(dy * (x - mean))."""
+    if order == PLANES:
+        shape, _ = _plane_partials_shape(xv)
+        part_dy, part_dy_xmu = np.empty(shape), np.empty(shape)
+        nchw_backward_reduce(dyv, xv, mean, PLANE_BLOCK, part_dy, part_dy_xmu)
+        return part_dy.sum(axis=1), part_dy_xmu.sum(axis=1)
+    num_channels = xv.shape[1]
+    sum_dy, sum_dy_xmu = np.zeros(num_channels), np.zeros(num_channels)
+    for (gp, xp), fold in _row_pieces(dyv, xv):
+        rows_per_chunk = _rows_per_chunk(xp.shape[1])
+        num_chunks = -(-xp.shape[0] // rows_per_chunk)
+        part_dy = np.empty((num_chunks, xp.shape[1]))
+        part_dy_xmu = np.empty_like(part_dy)
+        nhwc_backward_reduce(gp, xp, np.tile(mean, fold), rows_per_chunk, part_dy, part_dy_xmu)
+        sum_dy += part_dy.reshape(-1, num_channels).sum(axis=0)
+        sum_dy_xmu += part_dy_xmu.reshape(-1, num_channels).sum(axis=0)
+    return sum_dy, sum_dy_xmu
+
+
+def _backward_dx(dyv, xv, dxv, order, center, dy_scale, x_scale, shift):
+    if order == PLANES:
+        nchw_backward_dx(dyv, xv, center, dy_scale, x_scale, shift, PLANE_BLOCK, dxv)
+        return
+    for (gp, xp, dp), fold in _row_pieces(dyv, xv, dxv):
+        nhwc_backward_dx(gp, xp, np.tile(center, fold), np.tile(dy_scale, fold),
+                         np.tile(x_scale, fold), np.tile(shift, fold), _rows_per_chunk(xp.shape[1]), dp)
+
+
+def _split_center(mean, dtype):
+    """``mean`` (float64) as ``center`` in ``dtype`` plus the float64 remainder."""
+    center = mean.astype(dtype)
+    return center, mean - center
+
+
+# --------------------------------------------------------------------------- backend API
+
+def batch_stats(x, layout):
+    """Per-channel (mean, biased var), float64 (C,)."""
+    order = memory_order(x, layout)
+    return _stats(kernel_view(x, layout, order), order)
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                       layout, out):
+    """Forward pass; returns (y, save_mean, save_invstd) with float64 statistics."""
+    order = memory_order(x, layout)
+    xv = kernel_view(x, layout, order)
+    if training:
+        mean, var = _stats(xv, order)
+    else:
+        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.astype(np.float64)
+    center, remainder = _split_center(mean, x.dtype)
+    shift = -remainder * scale if bias is None else bias.astype(np.float64) - remainder * scale
+
+    target = _output_target(out, (x,), layout, order)
+    _scale_shift(xv, kernel_view(target, layout, order), order,
+                 center, scale.astype(x.dtype), shift.astype(x.dtype))
+    y = _finish_output(target, out)
+
+    if training and running_mean is not None:
+        n = xv.size // xv.shape[1]
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+        running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
+                            + momentum * (var * (n / (n - 1))))
+    return y, mean, invstd
+
+
+def batch_norm_backward(dy, x, save_mean, save_invstd, weight, training, layout, out):
+    """Backward pass; returns (dx, dweight, dbias), the latter two in x's dtype."""
+    order = memory_order(x, layout)
+    xv = kernel_view(x, layout, order)
+    dyv = kernel_view(dy, layout, order)
+    mean = save_mean.astype(np.float64)
+    invstd = save_invstd.astype(np.float64)
+    w = np.ones_like(invstd) if weight is None else weight.astype(np.float64)
+
+    sum_dy, sum_dy_xmu = _backward_sums(dyv, xv, order, mean)
+    dweight = sum_dy_xmu * invstd
+    dy_scale = w * invstd
+
+    target = _output_target(out, (dy, x), layout, order)
+    dxv = kernel_view(target, layout, order)
+    if training:
+        n = xv.size // xv.shape[1]
+        x_scale = -dy_scale * invstd * invstd * (sum_dy_xmu / n)
+        center, remainder = _split_center(mean, x.dtype)
+        shift = -dy_scale * (sum_dy / n) - remainder * x_scale
+        _backward_dx(dyv, xv, dxv, order, center, dy_scale.astype(x.dtype),
+                     x_scale.astype(x.dtype), shift.astype(x.dtype))
+    else:
+        zeros = np.zeros_like(dy_scale, dtype=x.dtype)
+        _scale_shift(dyv, dxv, order, zeros, dy_scale.astype(x.dtype), zeros)
+    dx = _finish_output(target, out)
+    return dx, dweight.astype(x.dtype), sum_dy.astype(x.dtype)

@@ -1,0 +1,107 @@
+"""Kernels for channel-first memory: ``x`` viewed as (N, C, S), each (n, c) plane contiguous.
+
+Work is split into items of at most ``block`` contiguous values of one plane, so a few
+huge planes (N=1, many pixels) and many small ones both spread over every thread.
+Item ``i`` covers plane ``i // blocks_per_plane``, values
+``[b * block, min((b + 1) * block, S))`` with ``b = i % blocks_per_plane``; the loops run
+over slice views with ``range(len)`` bounds, the shape LLVM vectorizes.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import parallel_kernel
+from .welford import shifted_moments
+
+
+@parallel_kernel
+def nchw_stats_partials(x3, block, part_mean, part_m2):
+    """Per-item (mean, M2) of x3 (N, C, S); outputs (C, N * blocks_per_plane) float64."""
+    num_n, num_c, size = x3.shape
+    blocks_per_plane = part_mean.shape[1] // num_n
+    for item in prange(num_n * num_c * blocks_per_plane):
+        plane = item // blocks_per_plane
+        b = item - plane * blocks_per_plane
+        n = plane // num_c
+        c = plane - n * num_c
+        lo = b * block
+        xs = x3[n, c, lo:min(lo + block, size)]
+        k = np.float64(xs[0])
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(xs.size):
+            d = np.float64(xs[i]) - k
+            s1 += d
+            s2 += d * d
+        mean, m2 = shifted_moments(k, s1, s2, xs.size)
+        part_mean[c, n * blocks_per_plane + b] = mean
+        part_m2[c, n * blocks_per_plane + b] = m2
+
+
+@parallel_kernel
+def nchw_scale_shift(x3, center, scale, shift, block, y3):
+    """y3 = (x3 - center[c]) * scale[c] + shift[c] for x3, y3 (N, C, S); vectors (C,) in x3's dtype."""
+    num_n, num_c, size = x3.shape
+    blocks_per_plane = (size + block - 1) // block
+    for item in prange(num_n * num_c * blocks_per_plane):
+        plane = item // blocks_per_plane
+        b = item - plane * blocks_per_plane
+        n = plane // num_c
+        c = plane - n * num_c
+        lo = b * block
+        hi = min(lo + block, size)
+        xs = x3[n, c, lo:hi]
+        ys = y3[n, c, lo:hi]
+        m = center[c]
+        a = scale[c]
+        t = shift[c]
+        for i in range(xs.size):
+            ys[i] = (xs[i] - m) * a + t
+
+
+@parallel_kernel
+def nchw_backward_reduce(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
+    """Per-item sum(dy) and sum(dy * (x - mean[c])) in float64; outputs (C, N * blocks_per_plane)."""
+    num_n, num_c, size = x3.shape
+    blocks_per_plane = part_sum_dy.shape[1] // num_n
+    for item in prange(num_n * num_c * blocks_per_plane):
+        plane = item // blocks_per_plane
+        b = item - plane * blocks_per_plane
+        n = plane // num_c
+        c = plane - n * num_c
+        lo = b * block
+        hi = min(lo + block, size)
+        xs = x3[n, c, lo:hi]
+        gs = dy3[n, c, lo:hi]
+        m = mean[c]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(xs.size):
+            g = np.float64(gs[i])
+            s1 += g
+            s2 += g * (np.float64(xs[i]) - m)
+        part_sum_dy[c, n * blocks_per_plane + b] = s1
+        part_sum_dy_xmu[c, n * blocks_per_plane + b] = s2
+
+
+@parallel_kernel
+def nchw_backward_dx(dy3, x3, center, dy_scale, x_scale, shift, block, dx3):
+    """dx3 = dy3 * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype."""
+    num_n, num_c, size = x3.shape
+    blocks_per_plane = (size + block - 1) // block
+    for item in prange(num_n * num_c * blocks_per_plane):
+        plane = item // blocks_per_plane
+        b = item - plane * blocks_per_plane
+        n = plane // num_c
+        c = plane - n * num_c
+        lo = b * block
+        hi = min(lo + block, size)
+        xs = x3[n, c, lo:hi]
+        gs = dy3[n, c, lo:hi]
+        ds = dx3[n, c, lo:hi]
+        m = center[c]
+        a = dy_scale[c]
+        bx = x_scale[c]
+        t = shift[c]
+        for i in range(xs.size):
+            ds[i] = gs[i] * a + (xs[i] - m) * bx + t

@@ -1,0 +1,107 @@
+"""NumPy reference implementation: the float64 truth every kernel is validated against.
+
+Plain, readable NumPy.  Every computation happens in float64 with a two-pass variance
+(mean first, then the mean of squared deviations), whatever the input dtype; ``y`` and
+``dx`` are returned in the input's dtype, statistics in float64.  The signatures and the
+argument checks are those of :mod:`fastbn`; the reference additionally accepts float16
+inputs (to validate the CUDA float16 path) and parameters of any float dtype.
+"""
+
+import numpy as np
+
+from . import _checks
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _reduce_axes(ndim, layout):
+    axis = _checks.channel_axis(ndim, layout)
+    return tuple(a for a in range(ndim) if a != axis)
+
+
+def _per_channel(v, ndim, layout):
+    """Reshape a (C,) vector so it broadcasts along the channel axis."""
+    shape = [1] * ndim
+    shape[_checks.channel_axis(ndim, layout)] = -1
+    return np.asarray(v, dtype=np.float64).reshape(shape)
+
+
+def _stats64(x64, layout):
+    axes = _reduce_axes(x64.ndim, layout)
+    mean = x64.mean(axis=axes)
+    centered = x64 - _per_channel(mean, x64.ndim, layout)
+    var = (centered * centered).mean(axis=axes)
+    return mean, var
+
+
+def _store(out, value, dtype):
+    if out is None:
+        return value.astype(dtype)
+    out[...] = value
+    return out
+
+
+def batch_stats(x, *, layout="NCHW"):
+    """Per-channel mean and population (biased) variance of ``x``.
+
+    x: float array of rank 2-5 in ``layout``.  Returns ``(mean, var)``, float64, shape (C,).
+    """
+    _checks.check_layout(layout)
+    _checks.check_input(x, "x", FLOAT_DTYPES)
+    return _stats64(np.asarray(x, dtype=np.float64), layout)
+
+
+def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+                       training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
+    """Reference batch-norm forward; see :func:`fastbn.batch_norm_forward`.
+
+    Returns ``(y, save_mean, save_invstd)``: ``y`` like ``x``; the statistics float64 (C,).
+    Running statistics, when given and ``training``, are updated in place.
+    """
+    _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                               layout, FLOAT_DTYPES, FLOAT_DTYPES)
+    _checks.check_out(out, "out", x.shape, x.dtype)
+    x64 = np.asarray(x, dtype=np.float64)
+    if training:
+        mean, var = _stats64(x64, layout)
+        if running_mean is not None:
+            n = _checks.values_per_channel(x.shape, layout)
+            running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+            running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * var * (n / (n - 1))
+    else:
+        mean = running_mean.astype(np.float64)
+        var = running_var.astype(np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.astype(np.float64)
+    shift = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
+    y = (x64 - _per_channel(mean, x.ndim, layout)) * _per_channel(scale, x.ndim, layout) \
+        + _per_channel(shift, x.ndim, layout)
+    return _store(out, y, x.dtype), mean.copy(), invstd
+
+
+def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
+                        training=True, layout="NCHW", out=None):
+    """Reference batch-norm backward; see :func:`fastbn.batch_norm_backward`.
+
+    Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``; ``dweight``/``dbias`` float64 (C,).
+    """
+    _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
+                                FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES)
+    _checks.check_out(out, "out", x.shape, x.dtype)
+    ndim = x.ndim
+    axes = _reduce_axes(ndim, layout)
+    x64 = np.asarray(x, dtype=np.float64)
+    dy64 = np.asarray(dy, dtype=np.float64)
+    invstd = save_invstd.astype(np.float64)
+    w = np.ones_like(invstd) if weight is None else weight.astype(np.float64)
+    x_hat = (x64 - _per_channel(save_mean, ndim, layout)) * _per_channel(invstd, ndim, layout)
+    dbias = dy64.sum(axis=axes)
+    dweight = (dy64 * x_hat).sum(axis=axes)
+    if training:
+        n = _checks.values_per_channel(x.shape, layout)
+        dx = _per_channel(w * invstd, ndim, layout) * (
+            dy64 - _per_channel(dbias / n, ndim, layout) - x_hat * _per_channel(dweight / n, ndim, layout)
+        )
+    else:
+        dx = dy64 * _per_channel(w * invstd, ndim, layout)
+    return _store(out, dx, x.dtype), dweight, dbias
