@@ -12,7 +12,8 @@ Public functions (PyTorch ``F.batch_norm`` conventions):
 
 from . import reference
 from ._api import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
+from .layers import BatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats", "reference"]
+__all__ = ["BatchNorm", "batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats", "reference"]

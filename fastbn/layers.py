@@ -1,0 +1,322 @@
+"""Framework-free layers built on fastbn's public functions.
+
+:class:`BatchNorm` is a NumPy batch-norm layer with PyTorch's ``nn.BatchNorm*d``
+semantics (training/eval, momentum or cumulative moving average, ``num_batches_tracked``,
+``affine``, ``track_running_stats``) and PyTorch's ``state_dict`` keys, so the state of a
+trained ``torch.nn.BatchNorm2d`` (as NumPy arrays) loads as is.
+"""
+
+import math
+
+import numpy as np
+
+from . import _checks
+from ._api import CPU_DTYPES, batch_norm_backward, batch_norm_forward
+
+#: The arrays a layer may hold, in PyTorch's ``state_dict`` order.
+_PARAMETER_NAMES = ("weight", "bias")
+_RUNNING_STAT_NAMES = ("running_mean", "running_var")
+
+
+def _host_copy(array):
+    """A NumPy copy of a host array, or of a CUDA device array (numba's ``copy_to_host``)."""
+    if isinstance(array, np.ndarray):
+        return array.copy()
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    raise TypeError(f"cannot copy a {type(array).__name__} to host: expected a numpy.ndarray "
+                    f"or a numba CUDA device array")
+
+
+class _SavedForward:
+    """What :meth:`BatchNorm.backward` needs from the last successful forward pass."""
+
+    __slots__ = ("x", "weight", "save_mean", "save_invstd", "used_batch_stats")
+
+    def __init__(self, x, weight, save_mean, save_invstd, used_batch_stats):
+        self.x = x
+        self.weight = weight
+        self.save_mean = save_mean
+        self.save_invstd = save_invstd
+        self.used_batch_stats = used_batch_stats
+
+
+class BatchNorm:
+    """Batch normalization layer over the channel axis, for NumPy (or CUDA device) arrays.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with PyTorch's
+    ``torch.nn.BatchNorm1d/2d/3d`` semantics; one class serves every rank (2 to 5).
+
+    Parameters
+    ----------
+    num_features : int, the number of channels C.
+    eps : float > 0, added to the variance.
+    momentum : float in [0, 1], or None.  Running statistics are updated as
+        ``r = (1 - momentum) * r + momentum * batch`` (unbiased batch variance); None
+        means a cumulative moving average, ``momentum = 1 / num_batches_tracked``.
+    affine : bool; when True the layer has learnable ``weight`` (ones) and ``bias``
+        (zeros), else both are None (scale 1, shift 0).
+    track_running_stats : bool; when True the layer keeps ``running_mean`` (zeros),
+        ``running_var`` (ones) and ``num_batches_tracked`` (0) and eval mode normalizes
+        with them; when False all three are None and batch statistics are always used.
+    layout : "NCHW" (channels on axis 1) or "NHWC" (channels on the last axis).
+    dtype : float32 or float64; the dtype of the parameters, the running statistics and
+        the inputs the layer accepts.
+
+    Attributes
+    ----------
+    weight, bias : (C,) arrays of ``dtype``, or None when ``affine=False``.
+    running_mean, running_var : (C,) arrays of ``dtype``, or None when
+        ``track_running_stats=False``; updated in place by training forward passes.
+    num_batches_tracked : int (None when ``track_running_stats=False``).
+    grad_weight, grad_bias : (C,) arrays of ``dtype`` set by :meth:`backward` (None
+        before it, and always None when ``affine=False``); overwritten, not accumulated.
+    training : bool, True after construction and :meth:`train`, False after :meth:`eval`.
+
+    Device arrays: the layer only calls :func:`fastbn.batch_norm_forward` and
+    :func:`fastbn.batch_norm_backward`, so it runs wherever those run.  For CUDA input
+    call :meth:`to_device` first (parameters and running statistics must live where
+    ``x`` lives; mixing host and device arrays raises TypeError), and :meth:`cpu` to
+    move them back.  :meth:`state_dict` always returns host (NumPy) copies.
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, layout="NCHW", dtype=np.float32):
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 1:
+            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        if momentum is not None:
+            momentum = _checks.check_scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
+        if np.dtype(dtype) not in CPU_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
+        self.num_features = int(num_features)
+        self.eps = _checks.check_scalar(eps, "eps", 0.0, math.inf, low_open=True)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.layout = _checks.check_layout(layout)
+        self.dtype = np.dtype(dtype)
+        self.training = True
+
+        shape = (self.num_features,)
+        self.weight = np.ones(shape, self.dtype) if self.affine else None
+        self.bias = np.zeros(shape, self.dtype) if self.affine else None
+        self.running_mean = np.zeros(shape, self.dtype) if self.track_running_stats else None
+        self.running_var = np.ones(shape, self.dtype) if self.track_running_stats else None
+        self.num_batches_tracked = 0 if self.track_running_stats else None
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"layout={self.layout!r}, dtype={self.dtype.name})")
+
+    # ------------------------------------------------------------------ mode
+
+    def train(self, mode=True):
+        """Set training mode (batch statistics, running statistics updated); returns self."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode: expected a bool, got {type(mode).__name__}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode (running statistics when tracked, else batch statistics); returns self."""
+        return self.train(False)
+
+    def _uses_batch_stats(self):
+        # As PyTorch: without running statistics there is nothing else to normalize with.
+        return self.training or self.running_mean is None
+
+    # ------------------------------------------------------------------ passes
+
+    def _check_x(self, x, name):
+        _checks.check_input(x, name, (self.dtype,))
+        axis = _checks.channel_axis(len(x.shape), self.layout)
+        if x.shape[axis] != self.num_features:
+            raise ValueError(
+                f"{name}: expected {self.num_features} channels on axis {axis} "
+                f"(layout {self.layout!r}), got shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x):
+        """Normalize ``x``; in training mode also update the running statistics.
+
+        Parameters
+        ----------
+        x : array of rank 2-5 and dtype ``self.dtype``, with ``num_features`` channels on
+            axis 1 (``layout="NCHW"``) or on the last axis (``"NHWC"``); never modified.
+
+        Returns
+        -------
+        y : array shaped like ``x``, dtype ``self.dtype`` (same memory order as ``x``
+            when ``x`` is contiguous in either channel-first or channel-last order).
+
+        Saves ``x`` (by reference: do not modify it before :meth:`backward`), the weight
+        and the statistics used for :meth:`backward`.  If it raises, the layer (running
+        statistics, ``num_batches_tracked``, saved state) is left as it was.
+        """
+        self._check_x(x, "x")
+        use_batch_stats = self._uses_batch_stats()
+        update_running = self.training and self.track_running_stats
+        momentum = 0.0
+        if update_running:
+            # momentum=None: cumulative average over the batches seen, this one included.
+            momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        # As PyTorch: training without tracking passes no running statistics.
+        pass_running = not self.training or self.track_running_stats
+        y, save_mean, save_invstd = batch_norm_forward(
+            x, self.weight, self.bias,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            training=use_batch_stats, momentum=momentum, eps=self.eps, layout=self.layout)
+        if update_running:
+            self.num_batches_tracked += 1
+        self._saved = _SavedForward(x, self.weight, save_mean, save_invstd, use_batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient of the loss with respect to the last forward pass's input.
+
+        Parameters
+        ----------
+        dy : gradient with respect to ``y``; shape and dtype of the forward ``x``; never
+            modified.
+
+        Returns
+        -------
+        dx : array shaped like ``x``, dtype ``self.dtype``.
+
+        Sets ``grad_weight = sum(dy * x_hat)`` and ``grad_bias = sum(dy)`` ((C,),
+        ``self.dtype``) when ``affine``.  Differentiates through the batch statistics
+        when the forward pass used them (training, or ``track_running_stats=False``),
+        else treats the running statistics as constants (frozen batch norm).  May be
+        called more than once per forward pass.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward: called before forward (there is no saved forward pass)")
+        saved = self._saved
+        dx, dweight, dbias = batch_norm_backward(
+            dy, saved.x, saved.save_mean, saved.save_invstd, saved.weight,
+            training=saved.used_batch_stats, layout=self.layout)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dweight, dbias
+        return dx
+
+    # ------------------------------------------------------------------ state
+
+    def _state_names(self):
+        names = list(_PARAMETER_NAMES) if self.affine else []
+        if self.track_running_stats:
+            names += [*_RUNNING_STAT_NAMES, "num_batches_tracked"]
+        return names
+
+    def _is_on_device(self):
+        arrays = [getattr(self, name) for name in (*_PARAMETER_NAMES, *_RUNNING_STAT_NAMES)]
+        return any(a is not None and not isinstance(a, np.ndarray) for a in arrays)
+
+    def state_dict(self):
+        """The layer's state under PyTorch's keys, as host (NumPy) copies.
+
+        Returns
+        -------
+        dict : ``weight``, ``bias`` (when ``affine``), ``running_mean``, ``running_var``
+            ((C,) arrays of ``self.dtype``) and ``num_batches_tracked`` (0-d int64 array)
+            (when ``track_running_stats``), in that order.
+        """
+        state = {}
+        for name in self._state_names():
+            if name == "num_batches_tracked":
+                state[name] = np.array(self.num_batches_tracked, dtype=np.int64)
+            else:
+                state[name] = _host_copy(getattr(self, name))
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Load a state saved by :meth:`state_dict` or by ``torch.nn.BatchNorm*d``.
+
+        Parameters
+        ----------
+        state_dict : mapping with exactly the keys :meth:`state_dict` returns; (C,)
+            real arrays (any array-like NumPy can read, e.g. CPU torch tensors), cast to
+            ``self.dtype``; ``num_batches_tracked`` a non-negative integer (0-d).
+
+        Raises ValueError (missing or unexpected keys, wrong shapes or values) or
+        TypeError (non-numeric values) before changing anything.  Values are copied;
+        arrays go to the device when the layer's arrays are there (:meth:`to_device`).
+        """
+        expected = self._state_names()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            problems = []
+            if missing:
+                problems.append(f"missing key(s) {missing}")
+            if unexpected:
+                problems.append(f"unexpected key(s) {unexpected}")
+            raise ValueError(f"state_dict: {' and '.join(problems)} for {self!r} "
+                             f"(expected exactly {expected})")
+        loaded = {}
+        for name in expected:
+            value = np.asarray(state_dict[name])
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {value.dtype}")
+            if name == "num_batches_tracked":
+                if value.shape != () or value.dtype.kind not in "iu" or value < 0:
+                    raise ValueError(f"state_dict['num_batches_tracked']: expected a non-negative integer "
+                                     f"of shape (), got {value!r}")
+                loaded[name] = int(value)
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"state_dict[{name!r}]: expected shape ({self.num_features},), "
+                                 f"got {value.shape}")
+            loaded[name] = value.astype(self.dtype, copy=True)
+        if self._is_on_device():
+            loaded = self._moved(loaded, _to_device)
+        for name, value in loaded.items():
+            setattr(self, name, value)
+
+    # ------------------------------------------------------------------ placement
+
+    def _moved(self, arrays, move):
+        return {name: (value if name == "num_batches_tracked" else move(value))
+                for name, value in arrays.items()}
+
+    def _array_attributes(self):
+        return {name: getattr(self, name) for name in (*_PARAMETER_NAMES, *_RUNNING_STAT_NAMES)
+                if getattr(self, name) is not None}
+
+    def to_device(self):
+        """Copy weight, bias and running statistics to the current CUDA device
+        (``numba.cuda.to_device``), so the layer accepts CUDA device arrays; returns self.
+
+        Gradients and the saved forward pass are dropped (they belong to the old place).
+        """
+        moved = self._moved(self._array_attributes(), _to_device)
+        self._replace_arrays(moved)
+        return self
+
+    def cpu(self):
+        """Copy weight, bias and running statistics back to host NumPy arrays; returns self.
+
+        Gradients and the saved forward pass are dropped (they belong to the old place).
+        """
+        moved = self._moved(self._array_attributes(), _host_copy)
+        self._replace_arrays(moved)
+        return self
+
+    def _replace_arrays(self, arrays):
+        for name, value in arrays.items():
+            setattr(self, name, value)
+        self.grad_weight = self.grad_bias = None
+        self._saved = None
+
+
+def _to_device(array):
+    from numba import cuda  # only device users need a CUDA-capable numba
+
+    return cuda.to_device(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array

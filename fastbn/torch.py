@@ -1,0 +1,163 @@
+"""PyTorch modules whose batch norm runs on fastbn kernels (optional: needs ``torch``).
+
+- :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of the
+  ``torch.nn`` classes with the same constructor, attributes and ``state_dict``; only the
+  forward and backward computations are replaced;
+- :func:`convert`: swaps every ``torch.nn.BatchNorm1d/2d/3d`` in a model for these.
+
+Data path.  CPU tensors are handed to fastbn as NumPy views (``tensor.detach().numpy()``,
+no copy; running statistics are updated in place through them) and results come back
+through ``torch.from_numpy`` (no copy).  A ``channels_last`` (or ``channels_last_3d``)
+tensor is, seen as NCHW, a channel-last array: fastbn runs its NHWC kernels on it
+without a copy and returns ``y`` and ``dx`` in the same memory format.  CUDA tensors are
+passed to fastbn's public functions as they are (``__cuda_array_interface__``); results
+come back as torch tensors on the same device.  Supported dtypes are fastbn's: float32
+and float64 (others raise TypeError).
+
+This is the only fastbn module that imports torch; ``import fastbn`` never does.
+"""
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._api import batch_norm_backward, batch_norm_forward
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+
+
+def _as_fastbn_array(tensor):
+    """A tensor as the array fastbn's public functions take (None passes through).
+
+    CPU: a NumPy view of the same memory.  CUDA: the detached tensor itself, which
+    exposes ``__cuda_array_interface__`` (a tensor that requires grad refuses to).
+    """
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor
+
+
+def _as_tensor(array, device):
+    """A fastbn result as a torch tensor on ``device``, without a copy where possible."""
+    if isinstance(array, torch.Tensor):
+        return array
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    return torch.as_tensor(array, device=device)  # any __cuda_array_interface__ object
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """``y = batch_norm(x)`` through fastbn; differentiable once (x, weight, bias)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, save_mean, save_invstd = batch_norm_forward(
+            _as_fastbn_array(x), _as_fastbn_array(weight), _as_fastbn_array(bias),
+            _as_fastbn_array(running_mean), _as_fastbn_array(running_var),
+            training=training, momentum=momentum, eps=eps, layout="NCHW")
+        # save_for_backward (not attributes) so autograd raises if x or weight are
+        # modified in place between forward and backward.
+        ctx.save_for_backward(x, weight)
+        ctx.save_mean, ctx.save_invstd = save_mean, save_invstd
+        ctx.training = training
+        return _as_tensor(y, x.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, dweight, dbias = batch_norm_backward(
+            _as_fastbn_array(dy), _as_fastbn_array(x), ctx.save_mean, ctx.save_invstd,
+            _as_fastbn_array(weight), training=ctx.training, layout="NCHW")
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        return (_as_tensor(dx, x.device) if need_x else None,
+                _as_tensor(dweight, x.device) if need_weight else None,
+                _as_tensor(dbias, x.device) if need_bias else None,
+                None, None, None, None, None)
+
+
+class _FastBatchNormMixin:
+    """``forward`` of ``torch.nn.modules.batchnorm._BatchNorm``, computed by fastbn.
+
+    The mode logic is PyTorch's, with one difference: ``num_batches_tracked`` is
+    incremented after the kernels succeed, so a call that raises changes no state.
+    """
+
+    def forward(self, input):
+        """Batch-normalize ``input`` ((N, C, ...) float32/float64 tensor, CPU or CUDA).
+
+        Returns a tensor shaped like ``input`` in its dtype and memory format.
+        """
+        self._check_input_dim(input)
+        update_running = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if update_running and self.momentum is None:
+            # Cumulative moving average over the batches seen, this one included.
+            momentum = 1.0 / float(self.num_batches_tracked + 1)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_running = not self.training or self.track_running_stats
+        y = _BatchNormFunction.apply(
+            input, self.weight, self.bias,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            use_batch_stats, momentum, self.eps)
+        if update_running:
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class BatchNorm1d(_FastBatchNormMixin, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on fastbn kernels: input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_FastBatchNormMixin, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on fastbn kernels: input (N, C, H, W), contiguous or
+    ``channels_last`` (kept in the output)."""
+
+
+class BatchNorm3d(_FastBatchNormMixin, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on fastbn kernels: input (N, C, D, H, W), contiguous or
+    ``channels_last_3d`` (kept in the output)."""
+
+
+_FASTBN_CLASS = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def convert(module):
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by its fastbn class.
+
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new modules share the
+    old ones' parameter and buffer tensors (so optimizers holding the parameters keep
+    working) and training mode; hooks registered on the old modules are not carried
+    over.  Only modules whose type is exactly one of the three torch classes are
+    replaced (subclasses may compute something else).
+
+    Parameters
+    ----------
+    module : torch.nn.Module, modified in place.
+
+    Returns
+    -------
+    The converted module: ``module`` itself, or the replacement when ``module`` is
+    itself a batch-norm module.
+    """
+    fastbn_class = _FASTBN_CLASS.get(type(module))
+    converted = module
+    if fastbn_class is not None:
+        converted = fastbn_class(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats)
+        # Share, not copy: the same Parameter objects stay registered with optimizers.
+        converted.weight, converted.bias = module.weight, module.bias
+        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        if hasattr(module, "qconfig"):
+            converted.qconfig = module.qconfig
+    for name, child in module.named_children():
+        converted.add_module(name, convert(child))
+    return converted
