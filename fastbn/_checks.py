@@ -31,6 +31,12 @@ def channel_axis(ndim, layout):
     return 1 if layout == "NCHW" else ndim - 1
 
 
+def reject_masked(a, name):
+    """Masked arrays are refused: their mask would be silently ignored."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array (the mask would be ignored), got a numpy masked array")
+
+
 def check_input(x, name, float_dtypes):
     """Check the data tensor ``x`` (input or gradient) and return it unchanged.
 
@@ -53,6 +59,7 @@ def check_input(x, name, float_dtypes):
         raise TypeError(f"{name}: expected dtype {allowed}, got {dtype_name(x)}")
     if 0 in tuple(x.shape):
         raise ValueError(f"{name}: expected a non-empty array, got shape {tuple(x.shape)}")
+    reject_masked(x, name)
     return x
 
 
@@ -80,6 +87,7 @@ def check_channel_vector(v, name, num_channels, dtype):
     if np.dtype(v.dtype) not in accepted:
         expected = " or ".join(str(np.dtype(d)) for d in accepted)
         raise TypeError(f"{name}: expected dtype {expected}, got {dtype_name(v)}")
+    reject_masked(v, name)
     return v
 
 
@@ -119,6 +127,10 @@ def check_running_stats(running_mean, running_var, num_channels, dtype, training
     if training:
         check_writable(running_mean, "running_mean")
         check_writable(running_var, "running_var")
+        if (isinstance(running_mean, np.ndarray) and isinstance(running_var, np.ndarray)
+                and np.may_share_memory(running_mean, running_var)):
+            raise ValueError("running_var: expected an array separate from running_mean "
+                             "(both are updated in place), got one sharing its memory")
 
 
 def check_out(out, name, shape, dtype):
@@ -131,7 +143,12 @@ def check_out(out, name, shape, dtype):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(out.shape)}")
     if np.dtype(out.dtype) != np.dtype(dtype):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {dtype_name(out)}")
+    reject_masked(out, name)
     check_writable(out, name)
+    strides = getattr(out, "strides", None)
+    if strides is not None and any(st == 0 and n > 1 for st, n in zip(strides, out.shape)):
+        raise ValueError(f"{name}: expected an array whose elements do not overlap in memory, "
+                         f"got strides {tuple(strides)} for shape {tuple(out.shape)}")
     return out
 
 

@@ -18,13 +18,24 @@ remainder is folded into the per-channel shift, so each element costs one subtra
 and one fused multiply-add in the input's dtype.
 """
 
+import functools
 import math
 
 import numpy as np
 
-from .nchw import nchw_backward_dx, nchw_backward_reduce, nchw_scale_shift, nchw_stats_partials
-from .nhwc import nhwc_backward_dx, nhwc_backward_reduce, nhwc_scale_shift, nhwc_stats_partials
-from .welford import merge_partials
+from . import nchw, nhwc, welford
+from ._jit import guarded
+
+# Every launch goes through the thread/fork guard (see fastbn.cpu._jit).
+nchw_stats_partials = guarded(nchw.nchw_stats_partials)
+nchw_scale_shift = guarded(nchw.nchw_scale_shift)
+nchw_backward_reduce = guarded(nchw.nchw_backward_reduce)
+nchw_backward_dx = guarded(nchw.nchw_backward_dx)
+nhwc_stats_partials = guarded(nhwc.nhwc_stats_partials)
+nhwc_scale_shift = guarded(nhwc.nhwc_scale_shift)
+nhwc_backward_reduce = guarded(nhwc.nhwc_backward_reduce)
+nhwc_backward_dx = guarded(nhwc.nhwc_backward_dx)
+merge_partials = guarded(welford.merge_partials)
 
 PLANES, ROWS = "planes", "rows"
 
@@ -220,6 +231,29 @@ def _backward_dx(dyv, xv, dxv, order, center, dy_scale, x_scale, shift):
                          np.tile(x_scale, fold), np.tile(shift, fold), _rows_per_chunk(xp.shape[1]), dp)
 
 
+def _coefficients(v, dtype):
+    """Per-channel float64 coefficients in the kernels' dtype.
+
+    Finite values beyond the dtype's range saturate at its largest finite value instead
+    of overflowing to inf: with a tiny ``eps`` a constant float32 channel has
+    ``invstd`` ~1e150, and ``(x - center) * inf`` would be ``0 * inf = NaN`` where the
+    exact result is ``bias``.  NaN and Inf (from NaN/Inf data) pass through unchanged.
+    """
+    big = np.finfo(dtype).max
+    return np.where(np.isfinite(v), np.clip(v, -big, big), v).astype(dtype)
+
+
+def _quiet(fn):
+    """Run ``fn`` with NumPy floating-point warnings off: NaN/Inf in the data propagate
+    through the per-channel algebra as IEEE values, as they do through the kernels,
+    without RuntimeWarnings (an error under ``-W error``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def _split_center(mean, dtype):
     """``mean`` (float64) as ``center`` in ``dtype`` plus the float64 remainder."""
     center = mean.astype(dtype)
@@ -228,12 +262,14 @@ def _split_center(mean, dtype):
 
 # --------------------------------------------------------------------------- backend API
 
+@_quiet
 def batch_stats(x, layout):
     """Per-channel (mean, biased var), float64 (C,)."""
     order = memory_order(x, layout)
     return _stats(kernel_view(x, layout, order), order)
 
 
+@_quiet
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                        layout, out):
     """Forward pass; returns (y, save_mean, save_invstd) with float64 statistics."""
@@ -250,7 +286,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
 
     target = _output_target(out, (x,), layout, order)
     _scale_shift(xv, kernel_view(target, layout, order), order,
-                 center, scale.astype(x.dtype), shift.astype(x.dtype))
+                 center, _coefficients(scale, x.dtype), _coefficients(shift, x.dtype))
     y = _finish_output(target, out)
 
     if training and running_mean is not None:
@@ -261,6 +297,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
     return y, mean, invstd
 
 
+@_quiet
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight, training, layout, out):
     """Backward pass; returns (dx, dweight, dbias), the latter two in x's dtype."""
     order = memory_order(x, layout)
@@ -281,10 +318,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight, training, layout,
         x_scale = -dy_scale * invstd * invstd * (sum_dy_xmu / n)
         center, remainder = _split_center(mean, x.dtype)
         shift = -dy_scale * (sum_dy / n) - remainder * x_scale
-        _backward_dx(dyv, xv, dxv, order, center, dy_scale.astype(x.dtype),
-                     x_scale.astype(x.dtype), shift.astype(x.dtype))
+        _backward_dx(dyv, xv, dxv, order, center, _coefficients(dy_scale, x.dtype),
+                     _coefficients(x_scale, x.dtype), _coefficients(shift, x.dtype))
     else:
         zeros = np.zeros_like(dy_scale, dtype=x.dtype)
-        _scale_shift(dyv, dxv, order, zeros, dy_scale.astype(x.dtype), zeros)
+        _scale_shift(dyv, dxv, order, zeros, _coefficients(dy_scale, x.dtype), zeros)
     dx = _finish_output(target, out)
     return dx, dweight.astype(x.dtype), sum_dy.astype(x.dtype)
