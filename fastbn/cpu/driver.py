@@ -315,7 +315,9 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight, training, layout,
     dxv = kernel_view(target, layout, order)
     if training:
         n = xv.size // xv.shape[1]
-        x_scale = -dy_scale * invstd * invstd * (sum_dy_xmu / n)
+        # invstd * (invstd * mean(dy (x - mean))) first: 0 for a constant channel even
+        # when invstd**2 overflows (tiny eps), where the product order gave inf * 0 = NaN.
+        x_scale = -dy_scale * (invstd * (invstd * (sum_dy_xmu / n)))
         center, remainder = _split_center(mean, x.dtype)
         shift = -dy_scale * (sum_dy / n) - remainder * x_scale
         _backward_dx(dyv, xv, dxv, order, center, _coefficients(dy_scale, x.dtype),
