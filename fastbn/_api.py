@@ -1,5 +1,7 @@
 """Public functions: argument checking, then dispatch to the backend where the data lives."""
 
+import sys
+
 import numpy as np
 
 from . import _checks
@@ -14,15 +16,47 @@ def _cpu_array(a, name):
     return a
 
 
+def _is_device_array(a):
+    """True for anything exposing ``__cuda_array_interface__`` (CuPy, PyTorch CUDA, numba)
+    and for numba device arrays, recognised as numba does (under numba's CUDA simulator
+    they expose no interface).  A numba device array cannot exist before ``numba.cuda``
+    is imported, so a host-only process never imports it here."""
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    numba_cuda = sys.modules.get("numba.cuda")
+    devicearray = getattr(numba_cuda, "devicearray", None)
+    return devicearray is not None and bool(devicearray.is_cuda_ndarray(a))
+
+
+def _param_dtype(x):
+    """dtype of weight, bias and running statistics for input ``x``: x's own, float32
+    for float16 input (the CUDA backend keeps float16 parameters in float32)."""
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
 def _select_backend(arrays):
     """Return (backend module, float dtypes, statistics dtypes) for the named arrays.
 
     ``arrays`` maps argument names to values (None allowed).  All non-None arrays must
-    live on the same side: host (NumPy) or device (CUDA).
+    live on the same side: host (NumPy) or device (CUDA); the first one decides and any
+    other is a TypeError naming it.  Device arrays select :mod:`fastbn.cuda`, imported
+    only then (a RuntimeError when numba.cuda has no GPU); it accepts float16 too.
     """
-    for name, a in arrays.items():
-        _cpu_array(a, name)
-    return _cpu, CPU_DTYPES
+    given = [(name, a) for name, a in arrays.items() if a is not None]
+    on_device = [_is_device_array(a) for _, a in given]
+    if not any(on_device):
+        for name, a in given:
+            _cpu_array(a, name)
+        return _cpu, CPU_DTYPES, CPU_DTYPES
+    first = given[0][0]
+    for (name, a), device in zip(given, on_device):
+        if not device:
+            raise TypeError(f"{name}: expected a CUDA device array like {first} (host and device "
+                            f"arrays cannot be mixed in one call), got {type(a).__name__}")
+    from . import cuda as backend  # lazy: only processes that pass device arrays need it
+    backend.require_gpu()
+    return backend, backend.FLOAT_DTYPES, backend.STAT_DTYPES
 
 
 def batch_stats(x, *, layout="NCHW"):
@@ -39,7 +73,7 @@ def batch_stats(x, *, layout="NCHW"):
     -------
     (mean, var) : float64 arrays of shape (C,).
     """
-    backend, dtypes = _select_backend({"x": x})
+    backend, dtypes, _ = _select_backend({"x": x})
     _checks.check_layout(layout)
     _checks.check_input(x, "x", dtypes)
     return backend.batch_stats(x, layout)
@@ -70,11 +104,11 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         the batch statistics (biased var) when training, the running ones in eval.
         Statistics are float64 so the backward pass sees the mean unrounded.
     """
-    backend, dtypes = _select_backend({"x": x, "weight": weight, "bias": bias,
-                                       "running_mean": running_mean, "running_var": running_var,
-                                       "out": out})
+    backend, dtypes, _ = _select_backend({"x": x, "weight": weight, "bias": bias,
+                                          "running_mean": running_mean, "running_var": running_var,
+                                          "out": out})
     _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                               layout, dtypes, x.dtype if hasattr(x, "dtype") else None)
+                               layout, dtypes, _param_dtype(x))
     _checks.check_out(out, "out", x.shape, x.dtype)
     return backend.batch_norm_forward(x, weight, bias, running_mean, running_var, bool(training),
                                       float(momentum), float(eps), layout, out)
@@ -101,10 +135,11 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     (dx, dweight, dbias) : ``dx`` like ``x``; ``dweight = sum(dy * x_hat)`` and
         ``dbias = sum(dy)``, (C,) in x's dtype (returned even when ``weight`` is None).
     """
-    backend, dtypes = _select_backend({"dy": dy, "x": x, "save_mean": save_mean,
-                                       "save_invstd": save_invstd, "weight": weight, "out": out})
+    backend, dtypes, stat_dtypes = _select_backend({"dy": dy, "x": x, "save_mean": save_mean,
+                                                    "save_invstd": save_invstd, "weight": weight,
+                                                    "out": out})
     _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
-                                dtypes, x.dtype if hasattr(x, "dtype") else None, dtypes)
+                                dtypes, _param_dtype(x), stat_dtypes)
     _checks.check_out(out, "out", x.shape, x.dtype)
     return backend.batch_norm_backward(dy, x, save_mean, save_invstd, weight, bool(training),
                                        layout, out)

@@ -1,0 +1,122 @@
+"""Kernels for channel-last memory: ``x`` as a flat C-contiguous (M, C) buffer of rows.
+
+Element ``(r, c)`` is at ``r * C + c``.
+
+Reductions run on 2-D blocks of ``lanes x rows_in_block`` threads: ``threadIdx.x`` is a
+channel lane, ``threadIdx.y`` a row lane.  Consecutive threads of a warp read
+consecutive channels of a row (coalesced loads); with fewer than 32 channels a warp
+spans several consecutive rows, which are contiguous too, so no lane idles for lack of
+channels (``lanes`` is the power of two >= C, at most 32).  The grid is
+``(ceil(C / lanes), row_blocks)``: block ``(bx, b)`` reduces rows
+``[b * rows_per_block, (b + 1) * rows_per_block)`` of channels ``bx * lanes + x``.
+Threads of a channel are merged with a shared-memory tree over ``threadIdx.y`` (warp
+shuffles would merge different channels here) and each block writes one float64
+partial per channel, merged by a second kernel as for NCHW.
+
+Elementwise kernels run a grid-stride loop over the flat buffer, channel ``i % C``.
+Kernels are compiled per input dtype (:func:`nhwc_kernels`).
+"""
+
+import functools
+
+import numpy as np
+from numba import cuda
+
+from .config import MAX_THREADS_PER_BLOCK
+from .dtypes import accumulator_dtype, compute_dtype
+from .nchw import LayoutKernels
+from .welford import column_merge, column_sum2, shifted_moments
+
+
+@functools.cache
+def nhwc_kernels(dtype):
+    """The NHWC kernels for inputs of ``dtype`` (float16, float32 or float64).
+
+    Returns a :class:`~fastbn.cuda.nchw.LayoutKernels`.
+    """
+    acc = accumulator_dtype(dtype).type
+    comp = compute_dtype(dtype).type
+
+    @cuda.jit
+    def nhwc_stats_partials(x, num_channels, rows_per_block, part_n, part_mean, part_m2):
+        """Per-block (count, mean, M2) of each channel over a row range; outputs (C, P) float64."""
+        shared_n = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
+        shared_mean = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
+        shared_m2 = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
+        c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        b = cuda.blockIdx.y
+        num_rows = x.size // num_channels
+        end = min((b + 1) * rows_per_block, num_rows)
+        r = b * rows_per_block + cuda.threadIdx.y
+        k = acc(0)
+        s1 = acc(0)
+        s2 = acc(0)
+        values = 0
+        if c < num_channels:
+            if r < end:
+                k = acc(x[r * num_channels + c])
+            while r < end:
+                d = acc(x[r * num_channels + c]) - k
+                s1 += d
+                s2 += d * d
+                values += 1
+                r += cuda.blockDim.y
+        mean = 0.0
+        m2 = 0.0
+        if values > 0:
+            mean_t, m2_t = shifted_moments(k, s1, s2, acc(values))
+            mean = np.float64(mean_t)
+            m2 = np.float64(m2_t)
+        total, mean, m2 = column_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
+        if cuda.threadIdx.y == 0 and c < num_channels:
+            part_n[c, b] = total
+            part_mean[c, b] = mean
+            part_m2[c, b] = m2
+
+    @cuda.jit
+    def nhwc_backward_reduce(dy, x, mean, num_channels, rows_per_block, part_sum_dy,
+                             part_sum_dy_xmu):
+        """Per-block sum(dy) and sum(dy * (x - mean[c])) per channel; outputs (C, P) float64."""
+        shared_a = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
+        shared_b = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
+        c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        b = cuda.blockIdx.y
+        num_rows = x.size // num_channels
+        end = min((b + 1) * rows_per_block, num_rows)
+        r = b * rows_per_block + cuda.threadIdx.y
+        s1 = acc(0)
+        s2 = acc(0)
+        if c < num_channels:
+            m = acc(mean[c])
+            while r < end:
+                i = r * num_channels + c
+                g = acc(dy[i])
+                s1 += g
+                s2 += g * (acc(x[i]) - m)
+                r += cuda.blockDim.y
+        sum_dy, sum_dy_xmu = column_sum2(np.float64(s1), np.float64(s2), shared_a, shared_b)
+        if cuda.threadIdx.y == 0 and c < num_channels:
+            part_sum_dy[c, b] = sum_dy
+            part_sum_dy_xmu[c, b] = sum_dy_xmu
+
+    @cuda.jit
+    def nhwc_scale_shift(x, num_channels, center, scale, shift, y):
+        """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < x.size:
+            c = i % num_channels
+            y[i] = (comp(x[i]) - center[c]) * scale[c] + shift[c]
+            i += stride
+
+    @cuda.jit
+    def nhwc_backward_dx(dy, x, num_channels, center, dy_scale, x_scale, shift, dx):
+        """dx = dy * dy_scale[c] + (x - center[c]) * x_scale[c] + shift[c] (compute dtype)."""
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < x.size:
+            c = i % num_channels
+            dx[i] = comp(dy[i]) * dy_scale[c] + (comp(x[i]) - center[c]) * x_scale[c] + shift[c]
+            i += stride
+
+    return LayoutKernels(nhwc_stats_partials, nhwc_backward_reduce, nhwc_scale_shift, nhwc_backward_dx)

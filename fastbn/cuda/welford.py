@@ -1,0 +1,227 @@
+"""Per-thread moments, Chan's merge within a warp (shuffles) and a block, and the
+per-channel merge of per-block partials.
+
+Each thread accumulates sums shifted by its own first value (``k``), in the
+accumulator dtype: ``S1 = sum(x - k)``, ``S2 = sum((x - k)**2)``, so
+``mean = k + S1/n`` and ``M2 = S2 - S1**2/n`` without catastrophic cancellation (the
+terms are the size of the spread, not of the mean) and without a division per value
+as a per-element Welford update would need.  Thread partials ``(n, mean, M2)`` are
+then merged with Chan et al.'s parallel formula: within a warp by ``shfl_down_sync``,
+across the warps of a block through shared memory, and across the blocks of a channel
+by :func:`merge_stat_partials`.  Every merge order is fixed, so results are
+deterministic.  Merges run in float64 whatever the accumulator: they are a few
+operations per thread, and float64 partials keep the cross-block merge exact enough
+for float32 accumulation (float16 inputs) too.
+"""
+
+import numpy as np
+from numba import cuda
+
+from .config import MAX_THREADS_PER_BLOCK, WARP_SIZE
+
+FULL_MASK = 0xFFFFFFFF
+#: Shared-memory slots for one value per warp of a block.
+MAX_WARPS = MAX_THREADS_PER_BLOCK // WARP_SIZE
+
+
+@cuda.jit(device=True)
+def shifted_moments(k, s1, s2, n):
+    """(mean, M2) of ``n`` > 0 values from their sums shifted by ``k``."""
+    mean_shift = s1 / n
+    m2 = s2 - s1 * mean_shift
+    if m2 < 0:  # rounding only; a comparison, so a NaN stays NaN
+        m2 = m2 * 0
+    return k + mean_shift, m2
+
+
+@cuda.jit(device=True)
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, M2) partials; an empty one (count 0) is neutral."""
+    if n_b == 0.0:
+        return n_a, mean_a, m2_a
+    if n_a == 0.0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac_b = n_b / n
+    return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * (n_a * frac_b)
+
+
+@cuda.jit(device=True)
+def warp_merge(n, mean, m2):
+    """Chan-merge the float64 (n, mean, M2) of the 32 lanes of a warp; lane 0 gets the total.
+
+    Every lane must call it (full warps).  Lane ``l`` merges lane ``l + offset`` for
+    offsets 16, 8, 4, 2, 1; lanes past the warp read their own value, but those lanes
+    never feed lane 0.
+    """
+    offset = WARP_SIZE // 2
+    while offset > 0:
+        n_b = cuda.shfl_down_sync(FULL_MASK, n, offset)
+        mean_b = cuda.shfl_down_sync(FULL_MASK, mean, offset)
+        m2_b = cuda.shfl_down_sync(FULL_MASK, m2, offset)
+        n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
+        offset //= 2
+    return n, mean, m2
+
+
+@cuda.jit(device=True)
+def block_merge(n, mean, m2, shared_n, shared_mean, shared_m2):
+    """Chan-merge float64 (n, mean, M2) over a 1-D block; thread 0 gets the total.
+
+    ``shared_*``: float64 shared arrays of at least :data:`MAX_WARPS` slots.  Every
+    thread of the block must call it (it synchronizes the block).
+    """
+    lane = cuda.threadIdx.x % WARP_SIZE
+    warp = cuda.threadIdx.x // WARP_SIZE
+    n, mean, m2 = warp_merge(n, mean, m2)
+    if cuda.blockDim.x == WARP_SIZE:
+        return n, mean, m2
+    if lane == 0:
+        shared_n[warp] = n
+        shared_mean[warp] = mean
+        shared_m2[warp] = m2
+    cuda.syncthreads()
+    if warp == 0:
+        if lane < cuda.blockDim.x // WARP_SIZE:
+            n = shared_n[lane]
+            mean = shared_mean[lane]
+            m2 = shared_m2[lane]
+        else:
+            n = 0.0
+            mean = 0.0
+            m2 = 0.0
+        n, mean, m2 = warp_merge(n, mean, m2)
+    return n, mean, m2
+
+
+@cuda.jit(device=True)
+def warp_sum2(a, b):
+    """Sum two float64 values over the 32 lanes of a warp; lane 0 gets the totals."""
+    offset = WARP_SIZE // 2
+    while offset > 0:
+        a += cuda.shfl_down_sync(FULL_MASK, a, offset)
+        b += cuda.shfl_down_sync(FULL_MASK, b, offset)
+        offset //= 2
+    return a, b
+
+
+@cuda.jit(device=True)
+def block_sum2(a, b, shared_a, shared_b):
+    """Sum two float64 values over a 1-D block; thread 0 gets the totals (see :func:`block_merge`)."""
+    lane = cuda.threadIdx.x % WARP_SIZE
+    warp = cuda.threadIdx.x // WARP_SIZE
+    a, b = warp_sum2(a, b)
+    if cuda.blockDim.x == WARP_SIZE:
+        return a, b
+    if lane == 0:
+        shared_a[warp] = a
+        shared_b[warp] = b
+    cuda.syncthreads()
+    if warp == 0:
+        if lane < cuda.blockDim.x // WARP_SIZE:
+            a = shared_a[lane]
+            b = shared_b[lane]
+        else:
+            a = 0.0
+            b = 0.0
+        a, b = warp_sum2(a, b)
+    return a, b
+
+
+@cuda.jit(device=True)
+def column_merge(n, mean, m2, shared_n, shared_mean, shared_m2):
+    """Chan-merge float64 (n, mean, M2) over ``threadIdx.y`` of a 2-D block, separately
+    for each ``threadIdx.x`` (a channel); threads with ``threadIdx.y == 0`` get the totals.
+
+    Lanes of a warp hold different channels here, so the merge is a pairwise tree in
+    shared memory (``MAX_THREADS_PER_BLOCK`` float64 slots each).  Every thread calls it.
+    """
+    slot = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    shared_n[slot] = n
+    shared_mean[slot] = mean
+    shared_m2[slot] = m2
+    cuda.syncthreads()
+    active = cuda.blockDim.y
+    while active > 1:
+        half = (active + 1) // 2
+        if cuda.threadIdx.y < active - half:
+            other = slot + half * cuda.blockDim.x
+            n, mean, m2 = chan_merge(shared_n[slot], shared_mean[slot], shared_m2[slot],
+                                     shared_n[other], shared_mean[other], shared_m2[other])
+            shared_n[slot] = n
+            shared_mean[slot] = mean
+            shared_m2[slot] = m2
+        cuda.syncthreads()
+        active = half
+    return shared_n[slot], shared_mean[slot], shared_m2[slot]
+
+
+@cuda.jit(device=True)
+def column_sum2(a, b, shared_a, shared_b):
+    """Sum two float64 values over ``threadIdx.y`` per ``threadIdx.x`` (see :func:`column_merge`)."""
+    slot = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    shared_a[slot] = a
+    shared_b[slot] = b
+    cuda.syncthreads()
+    active = cuda.blockDim.y
+    while active > 1:
+        half = (active + 1) // 2
+        if cuda.threadIdx.y < active - half:
+            other = slot + half * cuda.blockDim.x
+            shared_a[slot] += shared_a[other]
+            shared_b[slot] += shared_b[other]
+        cuda.syncthreads()
+        active = half
+    return shared_a[slot], shared_b[slot]
+
+
+@cuda.jit
+def merge_stat_partials(part_n, part_mean, part_m2, mean, var):
+    """Merge per-block partials into per-channel mean and biased variance.
+
+    part_n, part_mean, part_m2: (C, P) float64; mean, var: (C,) outputs (the
+    statistics dtype).  Grid: one 1-D block per channel (``blockIdx.x``).
+    """
+    shared_n = cuda.shared.array(MAX_WARPS, np.float64)
+    shared_mean = cuda.shared.array(MAX_WARPS, np.float64)
+    shared_m2 = cuda.shared.array(MAX_WARPS, np.float64)
+    c = cuda.blockIdx.x
+    n = 0.0
+    m = 0.0
+    m2 = 0.0
+    p = cuda.threadIdx.x
+    while p < part_n.shape[1]:
+        n, m, m2 = chan_merge(n, m, m2, part_n[c, p], part_mean[c, p], part_m2[c, p])
+        p += cuda.blockDim.x
+    n, m, m2 = block_merge(n, m, m2, shared_n, shared_mean, shared_m2)
+    if cuda.threadIdx.x == 0:
+        mean[c] = m
+        var[c] = m2 / n
+
+
+@cuda.jit
+def merge_sum_partials(part_a, part_b, sum_a, sum_b):
+    """Per-channel totals of two per-block partial sums.
+
+    part_a, part_b: (C, P) float64; sum_a, sum_b: (C,) outputs.  Grid: one 1-D
+    block per channel.
+    """
+    shared_a = cuda.shared.array(MAX_WARPS, np.float64)
+    shared_b = cuda.shared.array(MAX_WARPS, np.float64)
+    c = cuda.blockIdx.x
+    a = 0.0
+    b = 0.0
+    p = cuda.threadIdx.x
+    while p < part_a.shape[1]:
+        a += part_a[c, p]
+        b += part_b[c, p]
+        p += cuda.blockDim.x
+    a, b = block_sum2(a, b, shared_a, shared_b)
+    if cuda.threadIdx.x == 0:
+        sum_a[c] = a
+        sum_b[c] = b
+
+
+__all__ = ["shifted_moments", "chan_merge", "block_merge", "block_sum2", "column_merge",
+           "column_sum2", "merge_stat_partials", "merge_sum_partials"]
