@@ -1,4 +1,23 @@
-"""Public functions: argument checking, then dispatch to the backend where the data lives."""
+"""Public functions: argument checking, then dispatch to the backend where the data lives.
+
+Contract shared by every public function (see also each docstring):
+
+- Bad arguments raise ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
+  shape, size or value) whose message starts with the argument's name and says what was
+  expected and what came, e.g. ``"weight: expected shape (3,) (one value per channel),
+  got (4,)"``.  Everything is checked before any kernel runs, so a call that raises
+  leaves ``running_mean``/``running_var`` and ``out`` exactly as they were.
+- Inputs are never written (read-only arrays are fine as inputs); only ``out`` and, in
+  training, the running statistics are.  Masked arrays are refused (their mask would be
+  ignored); non-native byte order is refused; any strides, negative ones included, work.
+- NaN or ±Inf in a channel's data make that channel's batch statistics and its whole
+  ``y`` NaN in training (as PyTorch) and never affect other channels; in eval they stay
+  elementwise.  A channel of equal values has var 0 and ``y = bias`` for any ``eps > 0``.
+- Thread-safe: calls may run concurrently from several Python threads (the CPU kernels
+  release the GIL; on Numba's non-thread-safe ``workqueue`` layer launches are
+  serialized), and a process forked after using fastbn can use it (see
+  :mod:`fastbn.cpu._jit`).
+"""
 
 import sys
 
@@ -66,7 +85,9 @@ def batch_stats(x, *, layout="NCHW"):
     ----------
     x : float32 or float64 array of rank 2-5, channels on axis 1 (``layout="NCHW"``:
         (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)) or on the last axis
-        (``layout="NHWC"``).
+        (``layout="NHWC"``).  A numpy.ndarray (any strides) or a CUDA device array;
+        lists, scalars, 0-d/1-d arrays, empty arrays (any dimension 0) and integer,
+        bool, complex, object or (on the CPU) float16 dtypes raise TypeError/ValueError.
     layout : "NCHW" or "NHWC".
 
     Returns
@@ -86,16 +107,27 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     Parameters
     ----------
     x : float32 or float64 array of rank 2-5 in ``layout`` (see :func:`batch_stats`).
-    weight, bias : (C,) arrays of x's dtype, or None (scale 1, shift 0).
-    running_mean, running_var : (C,) arrays of x's dtype, or None (both or neither).
-        Training updates them in place: ``r = (1 - momentum) * r + momentum * batch``,
-        with the unbiased (n / (n - 1)) batch variance for ``running_var``.  Eval
-        (``training=False``) normalizes with them and requires them.
-    training : bool; batch statistics when True, running statistics when False.
-    momentum : float in [0, 1].
-    eps : float > 0, added to the variance.
+    weight, bias : (C,) arrays of x's dtype, or None (scale 1, shift 0).  Each is
+        optional on its own, as in PyTorch: weight without bias and bias without weight
+        are both valid.
+    running_mean, running_var : (C,) arrays of x's dtype, or None (both or neither;
+        only one is a ValueError).  Training updates them in place (so they must be
+        writable and must not share memory with each other):
+        ``r = (1 - momentum) * r + momentum * batch``, with the unbiased (n / (n - 1))
+        batch variance for ``running_var``.  Eval (``training=False``) normalizes with
+        them, requires them, and only reads them (read-only arrays are fine).
+    training : bool (or numpy.bool_); batch statistics when True, running statistics
+        when False.  Training needs more than one value per channel (N * spatial > 1),
+        else ValueError ``Expected more than 1 value per channel when training``.
+    momentum : real number in [0, 1] (NaN is a ValueError).
+    eps : real number > 0 (0, negative and NaN are ValueErrors), added to the variance.
+        Any positive eps works, however small: on the CPU, per-channel coefficients beyond x's
+        dtype saturate at its largest finite value instead of overflowing to Inf.
     layout : "NCHW" or "NHWC".
-    out : optional array shaped and typed like ``x`` to write ``y`` into.
+    out : optional writable array shaped and typed like ``x``, in any memory order, to
+        write ``y`` into.  It may be ``x`` itself (in place); one that overlaps ``x``
+        only partly is handled through a temporary.  Self-overlapping (stride-0) and
+        read-only ``out`` are ValueErrors.
 
     Returns
     -------
@@ -124,11 +156,14 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     x : the forward input (float32 or float64, rank 2-5, in ``layout``).
     save_mean, save_invstd : (C,) float32 or float64, as returned by
         :func:`batch_norm_forward` with the same ``training``.
-    weight : (C,) array of x's dtype, or None (scale 1).
+    weight : (C,) array of x's dtype, or None (scale 1).  Bias does not enter the
+        backward pass; ``dbias`` is returned either way.
     training : bool; True differentiates through the batch statistics, False treats
-        mean and invstd as constants (frozen batch norm).
+        mean and invstd as constants (frozen batch norm).  True needs more than one
+        value per channel, as in the forward pass.
     layout : "NCHW" or "NHWC".
-    out : optional array shaped and typed like ``x`` to write ``dx`` into.
+    out : optional writable array shaped and typed like ``x`` to write ``dx`` into; it
+        may be ``dy`` or ``x`` itself, partial overlaps go through a temporary.
 
     Returns
     -------
