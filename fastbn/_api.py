@@ -64,15 +64,15 @@ def _select_backend(arrays):
     """
     given = [(name, a) for name, a in arrays.items() if a is not None]
     on_device = [_is_device_array(a) for _, a in given]
+    for (name, a), device in zip(given, on_device):
+        if device != on_device[0]:
+            expected = "a CUDA device array" if on_device[0] else "a numpy.ndarray"
+            raise TypeError(f"{name}: expected {expected} like {given[0][0]} (host and device "
+                            f"arrays cannot be mixed in one call), got {type(a).__name__}")
     if not any(on_device):
         for name, a in given:
             _cpu_array(a, name)
         return _cpu, CPU_DTYPES, CPU_DTYPES
-    first = given[0][0]
-    for (name, a), device in zip(given, on_device):
-        if not device:
-            raise TypeError(f"{name}: expected a CUDA device array like {first} (host and device "
-                            f"arrays cannot be mixed in one call), got {type(a).__name__}")
     from . import cuda as backend  # lazy: only processes that pass device arrays need it
     backend.require_gpu()
     return backend, backend.FLOAT_DTYPES, backend.STAT_DTYPES
