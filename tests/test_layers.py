@@ -389,3 +389,18 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_digits_example_runs(tmp_path):
+    """examples/digits_batchnorm.py, one epoch: prints both networks' accuracy, writes the PNG."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "examples", "digits_batchnorm.py")
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, example, "--epochs", "1", "--out", str(out)],
+                            capture_output=True, text=True, env=CHILD_ENV)
+    assert result.returncode == 0, result.stderr
+    first_epoch = result.stdout.splitlines()[2].split()
+    assert first_epoch[0] == "1" and all(0.0 <= float(acc) <= 1.0 for acc in first_epoch[1:3])
+    assert out.read_bytes().startswith(b"\x89PNG")
