@@ -21,6 +21,7 @@ and one fused multiply-add in the input's dtype.
 import functools
 import math
 
+import numba
 import numpy as np
 
 from . import nchw, nhwc, welford
@@ -42,11 +43,15 @@ PLANES, ROWS = "planes", "rows"
 #: Values per NCHW work item: big enough to amortize the item's setup, small enough
 #: that a few planes still split over all threads.
 PLANE_BLOCK = 1 << 14
-#: Values per NHWC tile (row chunk x column block).
+#: Planes smaller than this run the row kernels on an (N, C * S) view: a short plane
+#: loop leaves most values to the scalar remainder of the vectorized loop.
+MIN_PLANE = 1024
+#: Values per row tile (row chunk x column block) of the row kernels.
 ROW_TILE = 1 << 14
-#: NHWC column-block width: bounds the per-tile accumulators (2 x 16 KiB of float64).
-COLS_PER_BLOCK = 2048
-#: NHWC rows are folded until a row holds at least this many values (vector lanes).
+#: Column-block width of the row reductions: bounds the per-tile accumulators
+#: (2 x 8 KiB of float64, plus the shifts, stay in L1).  Blocks hold whole channels.
+COLS_PER_BLOCK = 1024
+#: Channel-last rows are folded until a row holds at least this many values (vector lanes).
 MIN_ROW_WIDTH = 64
 
 
@@ -126,12 +131,23 @@ def _finish_output(target, out):
 
 
 # --------------------------------------------------------------------------- work plans
+#
+# Partitions depend on the shape only (never on the thread count), and partials are
+# merged in a fixed order, so results are deterministic for a given thread count.
 
 def _plane_partials_shape(x3):
     blocks_per_plane = -(-x3.shape[2] // PLANE_BLOCK)
     counts = np.full(blocks_per_plane, float(PLANE_BLOCK))
     counts[-1] = x3.shape[2] - PLANE_BLOCK * (blocks_per_plane - 1)
-    return (x3.shape[1], x3.shape[0] * blocks_per_plane), np.tile(counts, x3.shape[0])
+    return (x3.shape[0] * blocks_per_plane, x3.shape[1]), np.tile(counts, x3.shape[0])
+
+
+def _uses_rows(xv, order):
+    """True when the row reductions run: channel-last memory, or channel-first small planes.
+
+    (The elementwise passes run the plane kernels on channel-first memory whatever the
+    plane size: on an (N, C * S) view their per-column vectors would be 3 x C * S long.)"""
+    return order == ROWS or (xv.shape[2] < MIN_PLANE and xv.shape[1] * xv.shape[2] >= MIN_ROW_WIDTH)
 
 
 def _row_fold(num_rows, num_cols):
@@ -142,18 +158,43 @@ def _row_fold(num_rows, num_cols):
 
 
 def _row_pieces(*arrays):
-    """Split (M, C) arrays into (folded main part, fold) and (tail rows, 1) pieces."""
+    """Kernel views as row-kernel pieces: a list of (views, expand), where ``views`` are
+    2-D (rows, W) C-contiguous and ``expand(v)`` maps a (C,) per-channel vector to the
+    (W,) per-column one.
+
+    (M, C) channel-last views: folded main part (W = fold * C) and unfolded tail rows.
+    (N, C, S) channel-first views: one piece (N, C * S).
+    """
+    if arrays[0].ndim == 3:
+        num_n, _, size = arrays[0].shape
+        return [(tuple(a.reshape(num_n, -1) for a in arrays), lambda v: np.repeat(v, size))]
     num_rows, num_cols = arrays[0].shape
     fold = _row_fold(num_rows, num_cols)
     main_rows = num_rows // fold * fold
-    pieces = [(tuple(a[:main_rows].reshape(main_rows // fold, fold * num_cols) for a in arrays), fold)]
+    pieces = [(tuple(a[:main_rows].reshape(main_rows // fold, fold * num_cols) for a in arrays),
+               lambda v: np.tile(v, fold))]
     if main_rows < num_rows:
-        pieces.append((tuple(a[main_rows:] for a in arrays), 1))
+        pieces.append((tuple(a[main_rows:] for a in arrays), lambda v: v))
     return pieces
 
 
-def _rows_per_chunk(num_cols):
-    return max(1, ROW_TILE // min(num_cols, COLS_PER_BLOCK))
+def _row_tiles(width, chan):
+    """(rows_per_chunk, cols_per_block) of a reduction over (rows, width) rows whose column
+    ``j`` belongs to channel ``chan[j]``: blocks are whole channels (and whole rows when
+    a channel's columns are not adjacent, i.e. folded rows)."""
+    per_channel = width // (int(chan[-1]) + 1)
+    if width <= COLS_PER_BLOCK or (per_channel > 1 and chan[1] != chan[0]):
+        cols = width
+    elif per_channel > 1:
+        cols = max(1, COLS_PER_BLOCK // per_channel) * per_channel
+    else:
+        cols = COLS_PER_BLOCK
+    return max(1, ROW_TILE // cols), cols
+
+
+def _rows_per_chunk(width):
+    """Rows per work item of the elementwise row kernels."""
+    return max(1, ROW_TILE // width)
 
 
 def _chunk_counts(num_rows, rows_per_chunk):
@@ -163,30 +204,37 @@ def _chunk_counts(num_rows, rows_per_chunk):
     return counts
 
 
+def _channel_shift(xv):
+    """One value of each channel's data (float64), the shift of its statistics sums."""
+    first = xv[0, :, 0] if xv.ndim == 3 else xv[0]
+    return first.astype(np.float64)
+
+
 # --------------------------------------------------------------------------- passes
 
 def _stats(xv, order):
     """Per-channel (mean, biased var), float64, of a kernel view."""
     num_channels = xv.shape[1]
-    if order == PLANES:
+    if not _uses_rows(xv, order):
         shape, counts = _plane_partials_shape(xv)
         part_mean, part_m2 = np.empty(shape), np.empty(shape)
         nchw_stats_partials(xv, PLANE_BLOCK, part_mean, part_m2)
     else:
+        shift = _channel_shift(xv)
         all_counts, all_means, all_m2 = [], [], []
-        for (piece,), fold in _row_pieces(xv):
-            rows_per_chunk = _rows_per_chunk(piece.shape[1])
+        for (piece,), expand in _row_pieces(xv):
+            chan = expand(np.arange(num_channels))
+            rows_per_chunk, cols_per_block = _row_tiles(piece.shape[1], chan)
             chunk_counts = _chunk_counts(piece.shape[0], rows_per_chunk)
-            pm = np.empty((chunk_counts.size, piece.shape[1]))
+            pm = np.empty((chunk_counts.size, num_channels))
             p2 = np.empty_like(pm)
-            nhwc_stats_partials(piece, rows_per_chunk, COLS_PER_BLOCK, pm, p2)
-            # Unfold virtual channels: (chunks, fold * C) -> (chunks * fold, C) partials.
-            all_means.append(pm.reshape(-1, num_channels))
-            all_m2.append(p2.reshape(-1, num_channels))
-            all_counts.append(np.repeat(chunk_counts, fold))
+            nhwc_stats_partials(piece, chan, shift, expand(shift), rows_per_chunk, cols_per_block, pm, p2)
+            all_means.append(pm)
+            all_m2.append(p2)
+            all_counts.append(chunk_counts * (piece.shape[1] // num_channels))
         counts = np.concatenate(all_counts)
-        part_mean = np.ascontiguousarray(np.concatenate(all_means).T)
-        part_m2 = np.ascontiguousarray(np.concatenate(all_m2).T)
+        part_mean = np.concatenate(all_means) if len(all_means) > 1 else all_means[0]
+        part_m2 = np.concatenate(all_m2) if len(all_m2) > 1 else all_m2[0]
     mean, var = np.empty(num_channels), np.empty(num_channels)
     merge_partials(counts, part_mean, part_m2, mean, var)
     return mean, var
@@ -194,41 +242,43 @@ def _stats(xv, order):
 
 def _scale_shift(xv, yv, order, center, scale, shift):
     """yv = (xv - center) * scale + shift per channel; vectors already in xv's dtype."""
-    if order == PLANES:
-        nchw_scale_shift(xv, center, scale, shift, PLANE_BLOCK, yv)
+    if order == PLANES:  # small planes too: per-column vectors would stream from L2
+        nchw_scale_shift(xv, center, scale, shift, PLANE_BLOCK, numba.get_num_threads(), yv)
         return
-    for (xp, yp), fold in _row_pieces(xv, yv):
-        nhwc_scale_shift(xp, np.tile(center, fold), np.tile(scale, fold), np.tile(shift, fold),
-                         _rows_per_chunk(xp.shape[1]), yp)
+    for (xp, yp), expand in _row_pieces(xv, yv):
+        nhwc_scale_shift(xp, expand(center), expand(scale), expand(shift),
+                         _rows_per_chunk(xp.shape[1]), numba.get_num_threads(), yp)
 
 
 def _backward_sums(dyv, xv, order, mean):
     """Per-channel float64 sum(dy) and sum(dy * (x - mean))."""
-    if order == PLANES:
+    if not _uses_rows(xv, order):
         shape, _ = _plane_partials_shape(xv)
         part_dy, part_dy_xmu = np.empty(shape), np.empty(shape)
         nchw_backward_reduce(dyv, xv, mean, PLANE_BLOCK, part_dy, part_dy_xmu)
-        return part_dy.sum(axis=1), part_dy_xmu.sum(axis=1)
+        return part_dy.sum(axis=0), part_dy_xmu.sum(axis=0)
     num_channels = xv.shape[1]
     sum_dy, sum_dy_xmu = np.zeros(num_channels), np.zeros(num_channels)
-    for (gp, xp), fold in _row_pieces(dyv, xv):
-        rows_per_chunk = _rows_per_chunk(xp.shape[1])
+    for (gp, xp), expand in _row_pieces(dyv, xv):
+        chan = expand(np.arange(num_channels))
+        rows_per_chunk, cols_per_block = _row_tiles(xp.shape[1], chan)
         num_chunks = -(-xp.shape[0] // rows_per_chunk)
-        part_dy = np.empty((num_chunks, xp.shape[1]))
+        part_dy = np.empty((num_chunks, num_channels))
         part_dy_xmu = np.empty_like(part_dy)
-        nhwc_backward_reduce(gp, xp, np.tile(mean, fold), rows_per_chunk, part_dy, part_dy_xmu)
-        sum_dy += part_dy.reshape(-1, num_channels).sum(axis=0)
-        sum_dy_xmu += part_dy_xmu.reshape(-1, num_channels).sum(axis=0)
+        nhwc_backward_reduce(gp, xp, chan, expand(mean), rows_per_chunk, cols_per_block,
+                             part_dy, part_dy_xmu)
+        sum_dy += part_dy.sum(axis=0)
+        sum_dy_xmu += part_dy_xmu.sum(axis=0)
     return sum_dy, sum_dy_xmu
 
 
 def _backward_dx(dyv, xv, dxv, order, center, dy_scale, x_scale, shift):
     if order == PLANES:
-        nchw_backward_dx(dyv, xv, center, dy_scale, x_scale, shift, PLANE_BLOCK, dxv)
+        nchw_backward_dx(dyv, xv, center, dy_scale, x_scale, shift, PLANE_BLOCK, numba.get_num_threads(), dxv)
         return
-    for (gp, xp, dp), fold in _row_pieces(dyv, xv, dxv):
-        nhwc_backward_dx(gp, xp, np.tile(center, fold), np.tile(dy_scale, fold),
-                         np.tile(x_scale, fold), np.tile(shift, fold), _rows_per_chunk(xp.shape[1]), dp)
+    for (gp, xp, dp), expand in _row_pieces(dyv, xv, dxv):
+        nhwc_backward_dx(gp, xp, expand(center), expand(dy_scale), expand(x_scale), expand(shift),
+                         _rows_per_chunk(xp.shape[1]), numba.get_num_threads(), dp)
 
 
 def _coefficients(v, dtype):

@@ -1,10 +1,16 @@
 """Kernels for channel-first memory: ``x`` viewed as (N, C, S), each (n, c) plane contiguous.
 
-Work is split into items of at most ``block`` contiguous values of one plane, so a few
-huge planes (N=1, many pixels) and many small ones both spread over every thread.
-Item ``i`` covers plane ``i // blocks_per_plane``, values
-``[b * block, min((b + 1) * block, S))`` with ``b = i % blocks_per_plane``; the loops run
-over slice views with ``range(len)`` bounds, the shape LLVM vectorizes.
+Used for planes large enough to fill the vector lanes (see ``driver.MIN_PLANE``; smaller
+planes run the row kernels of :mod:`fastbn.cpu.nhwc` on an (N, C * S) view).  Work is
+split into items of at most ``block`` contiguous values of one plane, so a few huge
+planes (N=1, many pixels) and many small ones both spread over every thread.  Item ``i``
+covers plane ``i // blocks_per_plane``, values ``[b * block, min((b + 1) * block, S))``
+with ``b = i % blocks_per_plane``; the loops run over slice views with ``range(len)``
+bounds, the shape LLVM vectorizes.
+
+The second passes (normalize, dx) walk each thread's share of the items backwards: the
+first pass (statistics, backward sums) ended on those bytes, so the second one starts on
+what is still in the caches.  Which thread runs an item never changes its result.
 """
 
 import numpy as np
@@ -16,9 +22,9 @@ from .welford import shifted_moments
 
 @parallel_kernel
 def nchw_stats_partials(x3, block, part_mean, part_m2):
-    """Per-item (mean, M2) of x3 (N, C, S); outputs (C, N * blocks_per_plane) float64."""
+    """Per-item (mean, M2) of x3 (N, C, S); outputs (N * blocks_per_plane, C) float64."""
     num_n, num_c, size = x3.shape
-    blocks_per_plane = part_mean.shape[1] // num_n
+    blocks_per_plane = part_mean.shape[0] // num_n
     for item in prange(num_n * num_c * blocks_per_plane):
         plane = item // blocks_per_plane
         b = item - plane * blocks_per_plane
@@ -34,36 +40,41 @@ def nchw_stats_partials(x3, block, part_mean, part_m2):
             s1 += d
             s2 += d * d
         mean, m2 = shifted_moments(k, s1, s2, xs.size)
-        part_mean[c, n * blocks_per_plane + b] = mean
-        part_m2[c, n * blocks_per_plane + b] = m2
+        part_mean[n * blocks_per_plane + b, c] = mean
+        part_m2[n * blocks_per_plane + b, c] = m2
 
 
 @parallel_kernel
-def nchw_scale_shift(x3, center, scale, shift, block, y3):
+def nchw_scale_shift(x3, center, scale, shift, block, num_threads, y3):
     """y3 = (x3 - center[c]) * scale[c] + shift[c] for x3, y3 (N, C, S); vectors (C,) in x3's dtype."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    for item in prange(num_n * num_c * blocks_per_plane):
-        plane = item // blocks_per_plane
-        b = item - plane * blocks_per_plane
-        n = plane // num_c
-        c = plane - n * num_c
-        lo = b * block
-        hi = min(lo + block, size)
-        xs = x3[n, c, lo:hi]
-        ys = y3[n, c, lo:hi]
-        m = center[c]
-        a = scale[c]
-        t = shift[c]
-        for i in range(xs.size):
-            ys[i] = (xs[i] - m) * a + t
+    num_items = num_n * num_c * blocks_per_plane
+    for t in prange(num_threads):
+        first = t * num_items // num_threads
+        last = (t + 1) * num_items // num_threads
+        for step in range(last - first):
+            item = last - 1 - step
+            plane = item // blocks_per_plane
+            b = item - plane * blocks_per_plane
+            n = plane // num_c
+            c = plane - n * num_c
+            lo = b * block
+            hi = min(lo + block, size)
+            xs = x3[n, c, lo:hi]
+            ys = y3[n, c, lo:hi]
+            m = center[c]
+            a = scale[c]
+            s = shift[c]
+            for i in range(xs.size):
+                ys[i] = (xs[i] - m) * a + s
 
 
 @parallel_kernel
 def nchw_backward_reduce(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
-    """Per-item sum(dy) and sum(dy * (x - mean[c])) in float64; outputs (C, N * blocks_per_plane)."""
+    """Per-item sum(dy) and sum(dy * (x - mean[c])) in float64; outputs (N * blocks_per_plane, C)."""
     num_n, num_c, size = x3.shape
-    blocks_per_plane = part_sum_dy.shape[1] // num_n
+    blocks_per_plane = part_sum_dy.shape[0] // num_n
     for item in prange(num_n * num_c * blocks_per_plane):
         plane = item // blocks_per_plane
         b = item - plane * blocks_per_plane
@@ -80,28 +91,33 @@ def nchw_backward_reduce(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
             g = np.float64(gs[i])
             s1 += g
             s2 += g * (np.float64(xs[i]) - m)
-        part_sum_dy[c, n * blocks_per_plane + b] = s1
-        part_sum_dy_xmu[c, n * blocks_per_plane + b] = s2
+        part_sum_dy[n * blocks_per_plane + b, c] = s1
+        part_sum_dy_xmu[n * blocks_per_plane + b, c] = s2
 
 
 @parallel_kernel
-def nchw_backward_dx(dy3, x3, center, dy_scale, x_scale, shift, block, dx3):
+def nchw_backward_dx(dy3, x3, center, dy_scale, x_scale, shift, block, num_threads, dx3):
     """dx3 = dy3 * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    for item in prange(num_n * num_c * blocks_per_plane):
-        plane = item // blocks_per_plane
-        b = item - plane * blocks_per_plane
-        n = plane // num_c
-        c = plane - n * num_c
-        lo = b * block
-        hi = min(lo + block, size)
-        xs = x3[n, c, lo:hi]
-        gs = dy3[n, c, lo:hi]
-        ds = dx3[n, c, lo:hi]
-        m = center[c]
-        a = dy_scale[c]
-        bx = x_scale[c]
-        t = shift[c]
-        for i in range(xs.size):
-            ds[i] = gs[i] * a + (xs[i] - m) * bx + t
+    num_items = num_n * num_c * blocks_per_plane
+    for t in prange(num_threads):
+        first = t * num_items // num_threads
+        last = (t + 1) * num_items // num_threads
+        for step in range(last - first):
+            item = last - 1 - step
+            plane = item // blocks_per_plane
+            b = item - plane * blocks_per_plane
+            n = plane // num_c
+            c = plane - n * num_c
+            lo = b * block
+            hi = min(lo + block, size)
+            xs = x3[n, c, lo:hi]
+            gs = dy3[n, c, lo:hi]
+            ds = dx3[n, c, lo:hi]
+            m = center[c]
+            a = dy_scale[c]
+            bx = x_scale[c]
+            s = shift[c]
+            for i in range(xs.size):
+                ds[i] = gs[i] * a + (xs[i] - m) * bx + s

@@ -1,11 +1,24 @@
-"""Kernels for channel-last memory: ``x`` viewed as (M, C) rows, channels contiguous.
+"""Row kernels: ``x`` viewed as (M, W) C-contiguous rows of W "columns".
 
-The inner loop runs over channels, so each channel has its own vector lane and
-accumulator.  With few channels the driver first folds ``R`` consecutive rows into one
-row of ``R * C`` "virtual channels" (a free reshape), which keeps the vector lanes busy;
-the statistics of the R copies of a channel are merged afterwards.  Work items are
-(row chunk, column block) tiles: rows ``[i * rows_per_chunk, ...)``, columns
-``[j * cols_per_block, ...)``, so both tall-narrow and short-wide tensors use every thread.
+Channel-last memory (NHWC) is the natural case: a row is one pixel, a column one channel.
+The driver also runs two other views through these kernels, described to them by
+``chan`` (W,), the channel of every column:
+
+- few channels: ``R`` consecutive rows folded into one row of ``R * C`` columns (a free
+  reshape), ``chan[j] = j % C``, which keeps the vector lanes busy;
+- channel-first memory with small planes (NCHW, S pixels): rows are samples, W = C * S,
+  ``chan[j] = j // S``; a plane of 49 values is too short a loop to vectorize well, a row
+  of C * 49 is not.
+
+Per-channel vectors (center, scale, ...) arrive expanded to one value per column.  The
+inner loop always runs over the columns of one row: every column has its own vector lane
+and float64 accumulator.  Reductions work on (row chunk, column block) tiles; column
+blocks hold whole channels (``driver`` aligns them), so a tile's sums fold into its own
+channels' per-chunk partials with no race and in a fixed order.  Rows are consumed two
+at a time, which halves the accumulator loads and stores per value.
+
+The elementwise passes walk each thread's share of the row chunks backwards, starting on
+the bytes the preceding reduction touched last (still in cache).
 """
 
 import numpy as np
@@ -16,81 +29,146 @@ from .welford import shifted_moments
 
 
 @parallel_kernel
-def nhwc_stats_partials(x2, rows_per_chunk, cols_per_block, part_mean, part_m2):
-    """Per-tile (mean, M2) of each column of x2 (M, C); outputs (row_chunks, C) float64."""
-    num_rows, num_cols = x2.shape
+def nhwc_stats_partials(x2, chan, shift, col_shift, rows_per_chunk, cols_per_block, part_mean, part_m2):
+    """Per-(row chunk, channel) (mean, M2) of x2 (M, W); outputs (row_chunks, C) float64.
+
+    ``shift`` (C,) float64 is a value of each channel's data, ``col_shift`` (W,) the same
+    per column; sums are shifted by it (see :mod:`fastbn.cpu.welford`).
+    """
+    num_rows, width = x2.shape
+    x1 = x2.reshape(num_rows * width)
     num_chunks = part_mean.shape[0]
-    num_blocks = (num_cols + cols_per_block - 1) // cols_per_block
+    num_blocks = (width + cols_per_block - 1) // cols_per_block
     for item in prange(num_chunks * num_blocks):
         i = item // num_blocks
         j = item - i * num_blocks
         r0 = i * rows_per_chunk
+        rows = min(rows_per_chunk, num_rows - r0)
         c0 = j * cols_per_block
-        tile = x2[r0:min(r0 + rows_per_chunk, num_rows), c0:min(c0 + cols_per_block, num_cols)]
-        rows, cols = tile.shape
-        k = tile[0].astype(np.float64)
+        cols = min(cols_per_block, width - c0)
+        k = col_shift[c0:c0 + cols]
         s1 = np.zeros(cols)
         s2 = np.zeros(cols)
-        for r in range(rows):
-            row = tile[r]
+        r = 0
+        while r + 1 < rows:
+            start = (r0 + r) * width + c0
+            xa = x1[start:start + cols]
+            xb = x1[start + width:start + width + cols]
             for c in range(cols):
-                d = np.float64(row[c]) - k[c]
-                s1[c] += d
-                s2[c] += d * d
+                da = np.float64(xa[c]) - k[c]
+                db = np.float64(xb[c]) - k[c]
+                s1[c] += da + db
+                s2[c] += da * da + db * db
+            r += 2
+        if r < rows:
+            start = (r0 + r) * width + c0
+            xa = x1[start:start + cols]
+            for c in range(cols):
+                da = np.float64(xa[c]) - k[c]
+                s1[c] += da
+                s2[c] += da * da
+        ch_lo = chan[c0]
+        num_ch = chan[c0 + cols - 1] + 1 - ch_lo
+        t1 = np.zeros(num_ch)
+        t2 = np.zeros(num_ch)
         for c in range(cols):
-            mean, m2 = shifted_moments(k[c], s1[c], s2[c], rows)
-            part_mean[i, c0 + c] = mean
-            part_m2[i, c0 + c] = m2
+            t1[chan[c0 + c] - ch_lo] += s1[c]
+            t2[chan[c0 + c] - ch_lo] += s2[c]
+        count = rows * (cols // num_ch)
+        for ch in range(num_ch):
+            mean, m2 = shifted_moments(shift[ch_lo + ch], t1[ch], t2[ch], count)
+            part_mean[i, ch_lo + ch] = mean
+            part_m2[i, ch_lo + ch] = m2
 
 
 @parallel_kernel
-def nhwc_scale_shift(x2, center, scale, shift, rows_per_chunk, y2):
-    """y2 = (x2 - center) * scale + shift, row by row, for x2, y2 (M, C); vectors (C,) in x2's dtype."""
+def nhwc_scale_shift(x2, center, scale, shift, rows_per_chunk, num_threads, y2):
+    """y2 = (x2 - center) * scale + shift, row by row, for x2, y2 (M, W); vectors (W,) in x2's dtype."""
     num_rows = x2.shape[0]
-    for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
-        r0 = i * rows_per_chunk
-        xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
-        ys = y2[r0:min(r0 + rows_per_chunk, num_rows)]
-        for r in range(xs.shape[0]):
-            xr = xs[r]
-            yr = ys[r]
-            for c in range(xr.size):
-                yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
+    num_items = (num_rows + rows_per_chunk - 1) // rows_per_chunk
+    for t in prange(num_threads):
+        first = t * num_items // num_threads
+        last = (t + 1) * num_items // num_threads
+        for step in range(last - first):
+            r0 = (last - 1 - step) * rows_per_chunk
+            xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
+            ys = y2[r0:min(r0 + rows_per_chunk, num_rows)]
+            for r in range(xs.shape[0]):
+                xr = xs[r]
+                yr = ys[r]
+                for c in range(xr.size):
+                    yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
 
 
 @parallel_kernel
-def nhwc_backward_reduce(dy2, x2, mean, rows_per_chunk, part_sum_dy, part_sum_dy_xmu):
-    """Per-chunk column sums of dy and dy * (x - mean) in float64; outputs (row_chunks, C)."""
-    num_rows, num_cols = x2.shape
-    for i in prange(part_sum_dy.shape[0]):
+def nhwc_backward_reduce(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block,
+                         part_sum_dy, part_sum_dy_xmu):
+    """Per-(row chunk, channel) sums of dy and dy * (x - mean) in float64; outputs (row_chunks, C).
+
+    ``col_mean`` (W,) float64 is each column's channel mean.
+    """
+    num_rows, width = x2.shape
+    x1 = x2.reshape(num_rows * width)
+    g1 = dy2.reshape(num_rows * width)
+    num_chunks = part_sum_dy.shape[0]
+    num_blocks = (width + cols_per_block - 1) // cols_per_block
+    for item in prange(num_chunks * num_blocks):
+        i = item // num_blocks
+        j = item - i * num_blocks
         r0 = i * rows_per_chunk
-        xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
-        gs = dy2[r0:min(r0 + rows_per_chunk, num_rows)]
-        s1 = np.zeros(num_cols)
-        s2 = np.zeros(num_cols)
-        for r in range(xs.shape[0]):
-            xr = xs[r]
-            gr = gs[r]
-            for c in range(num_cols):
-                g = np.float64(gr[c])
-                s1[c] += g
-                s2[c] += g * (np.float64(xr[c]) - mean[c])
-        part_sum_dy[i] = s1
-        part_sum_dy_xmu[i] = s2
+        rows = min(rows_per_chunk, num_rows - r0)
+        c0 = j * cols_per_block
+        cols = min(cols_per_block, width - c0)
+        m = col_mean[c0:c0 + cols]
+        s1 = np.zeros(cols)
+        s2 = np.zeros(cols)
+        r = 0
+        while r + 1 < rows:
+            start = (r0 + r) * width + c0
+            xa = x1[start:start + cols]
+            xb = x1[start + width:start + width + cols]
+            ga = g1[start:start + cols]
+            gb = g1[start + width:start + width + cols]
+            for c in range(cols):
+                a = np.float64(ga[c])
+                b = np.float64(gb[c])
+                s1[c] += a + b
+                s2[c] += a * (np.float64(xa[c]) - m[c]) + b * (np.float64(xb[c]) - m[c])
+            r += 2
+        if r < rows:
+            start = (r0 + r) * width + c0
+            xa = x1[start:start + cols]
+            ga = g1[start:start + cols]
+            for c in range(cols):
+                a = np.float64(ga[c])
+                s1[c] += a
+                s2[c] += a * (np.float64(xa[c]) - m[c])
+        ch_lo = chan[c0]
+        num_ch = chan[c0 + cols - 1] + 1 - ch_lo
+        for ch in range(num_ch):
+            part_sum_dy[i, ch_lo + ch] = 0.0
+            part_sum_dy_xmu[i, ch_lo + ch] = 0.0
+        for c in range(cols):
+            part_sum_dy[i, chan[c0 + c]] += s1[c]
+            part_sum_dy_xmu[i, chan[c0 + c]] += s2[c]
 
 
 @parallel_kernel
-def nhwc_backward_dx(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2):
-    """dx2 = dy2 * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors in x2's dtype."""
+def nhwc_backward_dx(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chunk, num_threads, dx2):
+    """dx2 = dy2 * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in x2's dtype."""
     num_rows = x2.shape[0]
-    for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
-        r0 = i * rows_per_chunk
-        xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
-        gs = dy2[r0:min(r0 + rows_per_chunk, num_rows)]
-        ds = dx2[r0:min(r0 + rows_per_chunk, num_rows)]
-        for r in range(xs.shape[0]):
-            xr = xs[r]
-            gr = gs[r]
-            dr = ds[r]
-            for c in range(xr.size):
-                dr[c] = gr[c] * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+    num_items = (num_rows + rows_per_chunk - 1) // rows_per_chunk
+    for t in prange(num_threads):
+        first = t * num_items // num_threads
+        last = (t + 1) * num_items // num_threads
+        for step in range(last - first):
+            r0 = (last - 1 - step) * rows_per_chunk
+            xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
+            gs = dy2[r0:min(r0 + rows_per_chunk, num_rows)]
+            ds = dx2[r0:min(r0 + rows_per_chunk, num_rows)]
+            for r in range(xs.shape[0]):
+                xr = xs[r]
+                gr = gs[r]
+                dr = ds[r]
+                for c in range(xr.size):
+                    dr[c] = gr[c] * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
