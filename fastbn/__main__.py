@@ -1,6 +1,8 @@
 """``python -m fastbn``: check fastbn against the NumPy reference, then time it.
 
-Prints one table: for each layout and pass, fastbn's time (ms), its effective bandwidth
+``python -m fastbn bench`` runs the full comparison instead (see :func:`bench_main`).
+
+The plain invocation prints one table: for each layout and pass, fastbn's time (ms), its effective bandwidth
 (traffic model: training forward reads x twice and writes y = 3 tensor passes; backward
 reads x and dy twice and writes dx = 5 passes), the reference's time and the speed-up.
 """
@@ -9,9 +11,11 @@ import argparse
 import sys
 import time
 
+import numba
 import numpy as np
 
 import fastbn
+from fastbn import bench as fbench
 from fastbn import reference
 
 DEFAULT_SHAPE = (32, 64, 56, 56)
@@ -81,17 +85,37 @@ def timing_rows(shape, dtype, repeat):
                    tensor_passes * x.nbytes)
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)),
                         help="N,C,H,W (NCHW order; NHWC uses the same sizes); default %(default)s")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per measurement")
-    args = parser.parse_args(argv)
+    sub = parser.add_subparsers(dest="command", metavar="{bench}")
+    bench = sub.add_parser(
+        "bench", help="compare fastbn with the NumPy reference and PyTorch CPU, against a measured roofline",
+        description=BENCH_DOC)
+    bench.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                       help="shapes in NCHW order, e.g. 32,64,56,56 4096,1024 (default: the suite's)")
+    bench.add_argument("--dtype", dest="bench_dtype", default="float32", choices=["float32", "float64"])
+    bench.add_argument("--ops", nargs="+", default=None, choices=list(fbench.OPS), metavar="OP",
+                       help=f"subset of {', '.join(fbench.OPS)}")
+    bench.add_argument("--layouts", nargs="+", default=list(fbench.LAYOUTS), choices=list(fbench.LAYOUTS))
+    bench.add_argument("--threads", type=int, default=None, help="threads for Numba and PyTorch (default: Numba's)")
+    bench.add_argument("--quick", action="store_true", help="fewer repetitions; the reference runs once")
+    bench.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    bench.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s against the roofline (needs matplotlib)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return bench_main(args)
     shape = tuple(int(s) for s in args.shape.split(","))
     dtype = np.dtype(args.dtype)
 
-    import numba
     print(f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
           f"{numba.get_num_threads()} threads")
     t0 = time.perf_counter()
@@ -112,6 +136,147 @@ def main(argv=None):
         print(f"{layout:6}  {name:16} {t_fast * 1e3:10.2f} {nbytes / t_fast / 1e9:7.1f} "
               f"{t_ref * 1e3:13.1f} {t_ref / t_fast:8.1f}x")
     return 0 if ok else 1
+
+
+BENCH_DOC = """Time every op (batch statistics, training forward, eval forward, backward) in both
+layouts: fastbn's best time, its effective bandwidth (traffic model: stats 1, training
+forward 3, eval forward 2, backward 5 tensor passes), the percentage of a roofline
+measured in the same run with fastbn's own bandwidth kernels (a read pass and a copy pass
+over the same bytes, fastbn.cpu.bandwidth), and the speed-up over the NumPy reference and
+over PyTorch CPU (F.batch_norm; NHWC against channels_last) when torch is installed."""
+
+
+def _progress(done, total, text):
+    width = 24
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text[:60]:60}")
+    sys.stderr.flush()
+
+
+def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, progress=_progress):
+    """Measure every (shape, layout, op); yields one dict per case."""
+    impls = fbench.available_implementations()
+    if not with_reference:
+        impls.pop("numpy", None)
+    repeat, min_time = (5, 0.05) if quick else (30, 0.3)
+    cases = [(s, lay, op) for s in shapes for lay in layouts for op in ops]
+    total = len(cases) + len(shapes)
+    done = 0
+    roofs = {}
+    for shape in shapes:
+        progress(done, total, f"roofline {fbench.shape_label(shape)}")
+        roofs[shape] = fbench.roofline(shape, dtype, repeat=repeat, min_time=min_time)
+        done += 1
+    for shape, layout, op in cases:
+        row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
+               "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype)}
+        for name, cls in impls.items():
+            impl = cls()
+            if not impl.supports(op, layout, shape, dtype):
+                continue
+            progress(done, total, f"{name} {op} {layout} {fbench.shape_label(shape)}")
+            fn = impl.prepare(op, layout, shape, dtype)
+            if name == "numpy":
+                t = fbench.best_time(fn, 1 if quick else 3, 0.0, max_time=2.0)
+            else:
+                t = fbench.best_time(fn, repeat, min_time)
+            row[f"{name}_s"] = t
+            del fn
+        roof = roofs[shape]
+        row["roofline_s"] = fbench.roofline_seconds(op, roof)
+        row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
+        row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
+        row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
+        for name in impls:
+            if name != "fastbn" and f"{name}_s" in row:
+                row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["fastbn_s"]
+        done += 1
+        yield row
+    progress(total, total, "done")
+    sys.stderr.write("\n")
+
+
+def format_table(rows):
+    names = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_")] if rows else []
+    header = (f"{'shape':16} {'layout':6} {'op':13} {'fastbn ms':>9} {'GB/s':>6} {'roof GB/s':>9} "
+              f"{'% roof':>6}" + "".join(f" {name + ' ms':>9} {'vs ' + name:>9}" for name in names))
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        line = (f"{fbench.shape_label(r['shape']):16} {r['layout']:6} {r['op']:13} {r['fastbn_s'] * 1e3:9.3f} "
+                f"{r['gbps']:6.1f} {r['roofline_gbps']:9.1f} {100 * r['roofline_fraction']:5.0f}%")
+        for name in names:
+            if f"{name}_s" in r:
+                line += f" {r[name + '_s'] * 1e3:9.3f} {r['speedup_vs_' + name]:8.2f}x"
+            else:
+                line += f" {'-':>9} {'-':>9}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return False
+    labels = [f"{fbench.shape_label(r['shape'])}\n{r['layout']} {r['op']}" for r in rows]
+    xs = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows)), 5))
+    ax.bar(xs, [r["gbps"] for r in rows], label="fastbn effective GB/s")
+    ax.scatter(xs, [r["roofline_gbps"] for r in rows], marker="_", s=300, color="k", zorder=3,
+               label="roofline (measured read + copy passes)")
+    if any("torch_s" in r for r in rows):
+        ax.scatter(xs, [r["bytes"] / r["torch_s"] / 1e9 if "torch_s" in r else np.nan for r in rows],
+                   marker="o", color="C3", zorder=3, label="PyTorch CPU")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_ylabel("effective GB/s (traffic model)")
+    ax.set_title(f"fastbn, {rows[0]['dtype']}, {rows[0]['threads']} threads" if rows else "fastbn")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def bench_main(args):
+    import json
+    import platform
+
+    if args.threads is not None:
+        numba.set_num_threads(args.threads)
+    dtype = np.dtype(args.bench_dtype)
+    shapes = ([fbench.parse_shape(s) for s in args.shapes] if args.shapes else list(fbench.shapes()))
+    ops = args.ops or list(fbench.OPS)
+    if fbench.Torch.available():
+        import torch
+        torch.set_num_threads(numba.get_num_threads())
+        torch_version = torch.__version__
+    else:
+        torch_version = None
+    print(f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
+          f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, {dtype}, "
+          f"{platform.machine()}")
+    rows = list(bench_rows(shapes, args.layouts, ops, dtype, quick=args.quick,
+                           with_reference=not args.no_reference))
+    print(format_table(rows))
+    print("GB/s: traffic model (stats 1, forward_train 3, forward_eval 2, backward 5 tensor passes) / time; "
+          "roof: the same traffic at the speed of fastbn's read and copy passes over the tensor's bytes.")
+    if args.json:
+        doc = {"fastbn": fastbn.__version__, "numba": numba.__version__, "numpy": np.__version__,
+               "torch": torch_version, "threads": numba.get_num_threads(), "dtype": dtype.name,
+               "machine": platform.machine(), "processor": platform.processor(), "rows": rows}
+        if args.json == "-":
+            json.dump(doc, sys.stdout, indent=1)
+            print()
+        else:
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+    if args.plot and rows:
+        if plot(rows, args.plot):
+            print(f"plot written to {args.plot}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""asv benchmarks: fastbn's CPU ops over layouts, dtypes, shapes and thread counts.
+
+Parameters come from :mod:`fastbn.bench` (one table for asv, pytest-benchmark and
+``python -m fastbn bench``).  ``FASTBN_ASV_SMOKE=1`` swaps the shapes for tiny ones and
+the thread counts for 1, so CI can run the whole suite in seconds (it checks that the
+suite runs, not the speed).
+
+Kernels are compiled (or loaded from Numba's disk cache) in ``setup``, never inside a
+timing: ``setup`` builds the inputs and calls the op once.
+"""
+
+import numba
+import numpy as np
+
+from fastbn import bench as fbench
+
+SMOKE = fbench.smoke()
+SHAPES = [fbench.shape_label(s) for s in fbench.shapes()]
+DTYPES = ["float32"] if SMOKE else ["float32", "float64"]
+THREADS = [1] if SMOKE else [t for t in fbench.THREADS if t <= numba.config.NUMBA_NUM_THREADS]
+OPS = list(fbench.OPS)
+LAYOUTS = list(fbench.LAYOUTS)
+
+
+def _prepare(op, layout, dtype, shape, threads):
+    fbench.set_threads(threads)
+    fn = fbench.Fastbn().prepare(op, layout, fbench.parse_shape(shape), np.dtype(dtype))
+    fn()  # compile (or load from the disk cache) and fault pages in, outside any timing
+    return fn
+
+
+class BatchNorm:
+    """Wall time of one fastbn op (outputs preallocated with ``out=``)."""
+
+    params = (OPS, LAYOUTS, DTYPES, SHAPES, THREADS)
+    param_names = ["op", "layout", "dtype", "shape", "threads"]
+    timeout = 300
+    number = 0  # let asv pick the number of calls per sample
+    repeat = (1, 5, 5.0) if SMOKE else (3, 20, 20.0)
+    warmup_time = 0.05
+
+    def setup(self, op, layout, dtype, shape, threads):
+        self.fn = _prepare(op, layout, dtype, shape, threads)
+
+    def time_op(self, op, layout, dtype, shape, threads):
+        self.fn()
+
+
+class Throughput:
+    """Effective GB/s (traffic model of :mod:`fastbn.bench`) and the fraction of the
+    machine's bandwidth it reaches, measured with fastbn's own read/copy kernels
+    (``fastbn.cpu.bandwidth``) over the same bytes, in the same process."""
+
+    params = (OPS, LAYOUTS, DTYPES, SHAPES, THREADS)
+    param_names = ["op", "layout", "dtype", "shape", "threads"]
+    timeout = 300
+
+    def setup(self, op, layout, dtype, shape, threads):
+        self.fn = _prepare(op, layout, dtype, shape, threads)
+        self.shape = fbench.parse_shape(shape)
+        repeat, min_time = (3, 0.0) if SMOKE else (20, 0.2)
+        self.seconds = fbench.best_time(self.fn, repeat, min_time)
+        self.roof = fbench.roofline(self.shape, dtype, repeat, min_time / 2)
+
+    def track_gbps(self, op, layout, dtype, shape, threads):
+        return fbench.traffic_bytes(op, self.shape, dtype) / self.seconds / 1e9
+
+    track_gbps.unit = "GB/s"
+
+    def track_roofline_fraction(self, op, layout, dtype, shape, threads):
+        return fbench.roofline_seconds(op, self.roof) / self.seconds
+
+    track_roofline_fraction.unit = "fraction of roofline"
+
+
+class Bandwidth:
+    """The roofline itself: fastbn's read and copy passes over one tensor's bytes (GB/s)."""
+
+    params = (DTYPES, SHAPES, THREADS)
+    param_names = ["dtype", "shape", "threads"]
+    timeout = 300
+
+    def setup(self, dtype, shape, threads):
+        fbench.set_threads(threads)
+        repeat, min_time = (3, 0.0) if SMOKE else (20, 0.2)
+        self.roof = fbench.roofline(fbench.parse_shape(shape), dtype, repeat, min_time)
+
+    def track_read_gbps(self, dtype, shape, threads):
+        return self.roof["read_gbps"]
+
+    track_read_gbps.unit = "GB/s"
+
+    def track_copy_gbps(self, dtype, shape, threads):
+        return self.roof["copy_gbps"]
+
+    track_copy_gbps.unit = "GB/s"
+
+
+class Memory:
+    """Peak resident memory of a call that allocates its output (no ``out=``)."""
+
+    params = (["forward_train", "backward"], LAYOUTS, DTYPES[:1], SHAPES)
+    param_names = ["op", "layout", "dtype", "shape"]
+    timeout = 300
+
+    def setup(self, op, layout, dtype, shape):
+        self.x, self.dy, self.w, self.b, _, _ = fbench.make_inputs(fbench.parse_shape(shape), layout, dtype)
+        import fastbn
+        _, self.mean, self.invstd = fastbn.batch_norm_forward(self.x, self.w, self.b, layout=layout)
+
+    def peakmem_op(self, op, layout, dtype, shape):
+        import fastbn
+        if op == "forward_train":
+            fastbn.batch_norm_forward(self.x, self.w, self.b, layout=layout)
+        else:
+            fastbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w, layout=layout)

@@ -1,0 +1,235 @@
+"""Benchmark plumbing shared by ``python -m fastbn bench``, the asv suite (``benchmarks/``)
+and the pytest-benchmark suite (``bench/``).
+
+One table drives all three: :data:`IMPLEMENTATIONS` maps a name to a class that, given an
+op, a layout, a shape and a dtype, builds its inputs once and returns a zero-argument
+callable running that op (numbagg style).  Outputs are preallocated where the
+implementation allows it (``out=``), so timings measure the kernels, not page faults.
+
+Ops and their traffic model (tensor-sized passes over memory, the numerator of the
+effective bandwidth):
+
+========================  ======  ===============================================
+op                        passes  data movement
+========================  ======  ===============================================
+``stats``                 1       read x
+``forward_train``         3       read x (statistics); read x, write y
+``forward_eval``          2       read x, write y
+``backward``              5       read dy, x (sums); read dy, x, write dx
+========================  ======  ===============================================
+
+Shapes are given in NCHW order; ``layout="NHWC"`` means channel-last memory (for
+PyTorch: ``channels_last``, the same logical NCHW tensor).
+"""
+
+import math
+import os
+import time
+
+import numpy as np
+
+import fastbn
+from fastbn import reference
+
+OPS = ("stats", "forward_train", "forward_eval", "backward")
+LAYOUTS = ("NCHW", "NHWC")
+TRAFFIC = {"stats": 1, "forward_train": 3, "forward_eval": 2, "backward": 5}
+
+#: The shapes of the suite (NCHW order): ResNet-style activations, a 2-D batch of
+#: features, and one tensor larger than a typical last-level cache (103 MB float32).
+SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14), (64, 512, 7, 7), (8, 32, 112, 112),
+          (4096, 1024), (32, 64, 112, 112))
+#: Tiny stand-ins for smoke runs (CI): same ranks, milliseconds of work.
+SMOKE_SHAPES = ((4, 8, 6, 6), (64, 12))
+THREADS = (1, 2)
+
+
+def smoke():
+    """True when ``FASTBN_ASV_SMOKE`` (or ``FASTBN_BENCH_SMOKE``) asks for tiny shapes."""
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("FASTBN_ASV_SMOKE", "FASTBN_BENCH_SMOKE"))
+
+
+def shapes():
+    return SMOKE_SHAPES if smoke() else SHAPES
+
+
+def shape_label(shape):
+    return "x".join(map(str, shape))
+
+
+def parse_shape(text):
+    return tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+
+
+def traffic_bytes(op, shape, dtype):
+    return TRAFFIC[op] * math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def to_layout(a, layout):
+    """A C-contiguous array in ``layout`` from logical NCHW data (channel-last copy for NHWC)."""
+    if layout == "NHWC" and a.ndim > 2:
+        return np.ascontiguousarray(np.moveaxis(a, 1, -1))
+    return np.ascontiguousarray(a)
+
+
+def make_inputs(shape, layout, dtype, seed=0):
+    """(x, dy, weight, bias, running_mean, running_var) in ``layout``; ``shape`` in NCHW order."""
+    rng = np.random.default_rng(seed)
+    channels = shape[1]
+    x = to_layout((3.0 + 2.0 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype), layout)
+    dy = to_layout(rng.standard_normal(shape, dtype=np.float32).astype(dtype), layout)
+    weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    return x, dy, weight, bias, np.zeros(channels, dtype), np.ones(channels, dtype)
+
+
+class Implementation:
+    """Builds a callable for (op, layout, shape, dtype); subclasses set ``name``."""
+
+    name = ""
+    label = ""
+
+    @classmethod
+    def available(cls):
+        return True
+
+    def supports(self, op, layout, shape, dtype):
+        return True
+
+    def prepare(self, op, layout, shape, dtype):
+        raise NotImplementedError
+
+
+class Fastbn(Implementation):
+    name, label = "fastbn", "fastbn (Numba CPU)"
+
+    def prepare(self, op, layout, shape, dtype):
+        x, dy, w, b, rm, rv = make_inputs(shape, layout, dtype)
+        out = np.empty_like(x)
+        out.fill(0)  # map the pages now, not in the first timed call
+        if op == "stats":
+            return lambda: fastbn.batch_stats(x, layout=layout)
+        if op == "forward_train":
+            return lambda: fastbn.batch_norm_forward(x, w, b, rm, rv, training=True, layout=layout, out=out)
+        if op == "forward_eval":
+            return lambda: fastbn.batch_norm_forward(x, w, b, rm, rv, training=False, layout=layout, out=out)
+        _, mean, invstd = fastbn.batch_norm_forward(x, w, b, layout=layout)
+        return lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, w, layout=layout, out=out)
+
+
+class Reference(Implementation):
+    name, label = "numpy", "NumPy reference (float64)"
+
+    def prepare(self, op, layout, shape, dtype):
+        x, dy, w, b, rm, rv = make_inputs(shape, layout, dtype)
+        if op == "stats":
+            return lambda: reference.batch_stats(x, layout=layout)
+        if op == "forward_train":
+            return lambda: reference.batch_norm_forward(x, w, b, rm, rv, training=True, layout=layout)
+        if op == "forward_eval":
+            return lambda: reference.batch_norm_forward(x, w, b, rm, rv, training=False, layout=layout)
+        _, mean, invstd = reference.batch_norm_forward(x, w, b, layout=layout)
+        return lambda: reference.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
+
+
+class Torch(Implementation):
+    """PyTorch CPU: ``F.batch_norm`` (NHWC as ``channels_last``), ``aten.native_batch_norm_backward``."""
+
+    name, label = "torch", "PyTorch CPU"
+
+    @classmethod
+    def available(cls):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def prepare(self, op, layout, shape, dtype):
+        import torch
+        import torch.nn.functional as F
+
+        x, dy, w, b, rm, rv = make_inputs(shape, layout, dtype)
+
+        def logical(a):  # the NCHW-ordered tensor over a's memory (channels_last for NHWC)
+            t = torch.from_numpy(a)
+            if layout == "NHWC" and a.ndim > 2:
+                t = t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
+            return t
+
+        tx, tdy = logical(x), logical(dy)
+        tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        dims = [d for d in range(tx.ndim) if d != 1]
+        if op == "stats":
+            return lambda: torch.var_mean(tx, dim=dims, correction=0)
+        if op in ("forward_train", "forward_eval"):
+            training = op == "forward_train"
+
+            def run():
+                with torch.no_grad():
+                    return F.batch_norm(tx, trm, trv, tw, tb, training, 0.1, 1e-5)
+            return run
+        with torch.no_grad():
+            _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
+        return lambda: torch.ops.aten.native_batch_norm_backward(
+            tdy, tx, tw, trm, trv, save_mean, save_invstd, True, 1e-5, [True, True, True])
+
+
+#: Implementations to compare, in report order; the first is the one under test.
+IMPLEMENTATIONS = {cls.name: cls for cls in (Fastbn, Reference, Torch)}
+
+
+def available_implementations():
+    return {name: cls for name, cls in IMPLEMENTATIONS.items() if cls.available()}
+
+
+def set_threads(threads):
+    """Use ``threads`` threads in Numba (and PyTorch when it is loaded)."""
+    import sys
+
+    import numba
+    numba.set_num_threads(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def best_time(fn, repeat=20, min_time=0.2, max_time=None):
+    """Best wall time (s) of ``fn()`` over at least ``repeat`` runs and ``min_time`` seconds
+    (stopping at ``max_time`` seconds when given).  One untimed warm-up call first."""
+    fn()
+    best = float("inf")
+    start = time.perf_counter()
+    runs = 0
+    while runs < repeat or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+        if max_time is not None and time.perf_counter() - start > max_time:
+            break
+    return best
+
+
+_ROOFLINES = {}
+
+
+def roofline(shape, dtype, repeat=20, min_time=0.1):
+    """The read and copy passes of fastbn's bandwidth kernels over one tensor's bytes,
+    with the current thread count (memoized); see :func:`fastbn.cpu.bandwidth.roofline`."""
+    import numba
+
+    from fastbn.cpu.bandwidth import roofline as measure
+    key = (tuple(shape), np.dtype(dtype).str, numba.get_num_threads())
+    if key not in _ROOFLINES:
+        _ROOFLINES[key] = measure(math.prod(shape) * np.dtype(dtype).itemsize, dtype, repeat, min_time)
+    return _ROOFLINES[key]
+
+
+def roofline_seconds(op, roof):
+    """Lower bound on an op's time from the measured read/copy passes of one tensor."""
+    return {"stats": roof["read_s"],
+            "forward_train": roof["read_s"] + roof["copy_s"],
+            "forward_eval": roof["copy_s"],
+            # read dy and x; then read dy, and read x while writing dx
+            "backward": 3 * roof["read_s"] + roof["copy_s"]}[op]
