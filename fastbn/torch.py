@@ -9,10 +9,11 @@ Data path.  CPU tensors are handed to fastbn as NumPy views (``tensor.detach().n
 no copy; running statistics are updated in place through them) and results come back
 through ``torch.from_numpy`` (no copy).  A ``channels_last`` (or ``channels_last_3d``)
 tensor is, seen as NCHW, a channel-last array: fastbn runs its NHWC kernels on it
-without a copy and returns ``y`` and ``dx`` in the same memory format.  CUDA tensors are
-passed to fastbn's public functions as they are (``__cuda_array_interface__``); results
-come back as torch tensors on the same device.  Supported dtypes are fastbn's: float32
-and float64 (others raise TypeError).
+without a copy and returns ``y`` and ``dx`` in the same memory format.  CUDA tensors go
+to fastbn's CUDA backend as numba device-array views (``__cuda_array_interface__``, no
+copy); results come back as torch tensors on the same device (``torch.as_tensor``).
+Other devices raise TypeError.  Supported dtypes are fastbn's: float32 and float64 on
+the CPU (others raise TypeError).
 
 This is the only fastbn module that imports torch; ``import fastbn`` never does.
 """
@@ -29,13 +30,21 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
 def _as_fastbn_array(tensor):
     """A tensor as the array fastbn's public functions take (None passes through).
 
-    CPU: a NumPy view of the same memory.  CUDA: the detached tensor itself, which
-    exposes ``__cuda_array_interface__`` (a tensor that requires grad refuses to).
+    CPU: a NumPy view of the same memory.  CUDA: a numba device-array view of the same
+    memory, made through ``__cuda_array_interface__`` (which a tensor that requires grad
+    refuses to expose, hence ``detach``); it carries NumPy dtypes, which fastbn's
+    argument checks read.
     """
     if tensor is None:
         return None
     tensor = tensor.detach()
-    return tensor.numpy() if tensor.device.type == "cpu" else tensor
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    if tensor.device.type != "cuda":
+        raise TypeError(f"fastbn.torch: expected a CPU or CUDA tensor, got one on {tensor.device}")
+    from numba import cuda  # only CUDA tensors need numba.cuda
+
+    return cuda.as_cuda_array(tensor)
 
 
 def _as_tensor(array, device):

@@ -215,6 +215,7 @@ def test_running_stats_updated_in_place():
     (lambda: torch.randn(4, 3, 2, 2, dtype=torch.float16), TypeError, "float16"),
     (lambda: torch.randn(4, 3, 2), ValueError, "expected 4D input"),
     (lambda: torch.randn(1, 3, 1, 1), ValueError, "more than 1 value per channel"),
+    (lambda: torch.empty(4, 3, 2, 2, device="meta"), TypeError, "expected a CPU or CUDA tensor"),
 ])
 def test_errors_change_no_state(make_input, error, match):
     module = fastbn_torch.BatchNorm2d(3)
