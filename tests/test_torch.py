@@ -191,9 +191,11 @@ def test_module_options_match_torch(options, torch_class, fastbn_class, shape):
         x_expected, x_fastbn = x.clone().requires_grad_(), x.clone().requires_grad_()
         expected_y = expected_module(x_expected)
         expected_y.backward(dy)
+        dy_before = dy.clone()
         with torch_kernels_forbidden():
             y = module(x_fastbn)
             y.backward(dy)
+        assert torch.equal(x_fastbn.detach(), x) and torch.equal(dy, dy_before)  # inputs untouched
         assert_close(y, expected_y, TOL[torch.float64], f"step {step} y")
         assert_close(x_fastbn.grad, x_expected.grad, TOL[torch.float64], f"step {step} dx")
         for name, parameter in module.named_parameters():
