@@ -19,7 +19,7 @@ if SIMULATOR:
     _simulator.install()
 
 __all__ = ["batch_stats", "batch_norm_forward", "batch_norm_backward", "launch_config",
-           "LaunchConfig", "describe", "require_gpu"]
+           "LaunchConfig", "FLOAT_DTYPES", "STAT_DTYPES", "describe", "require_gpu"]
 
 
 def describe():

@@ -19,11 +19,6 @@ from numba import cuda
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
 
-def is_device_array(a):
-    """True for a numba device array or any object exposing ``__cuda_array_interface__``."""
-    return bool(cuda.devicearray.is_cuda_ndarray(a)) or hasattr(a, "__cuda_array_interface__")
-
-
 def as_numba(a):
     """``a`` as a numba device array sharing its memory (None passes through)."""
     if a is None or cuda.devicearray.is_cuda_ndarray(a):

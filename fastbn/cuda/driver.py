@@ -19,18 +19,18 @@ Launch geometry is read from :data:`fastbn.cuda.config.launch_config` at every c
 
 import math
 
+import numpy as np
+from numba import cuda
+
 from .. import _checks
-from .arrays import (as_numba, dense_strides, flat, is_dense_in, like_caller, new_flat, overlaps,
-                     strided_view, data_pointer)
+from .arrays import (as_numba, data_pointer, dense_strides, flat, is_dense_in, like_caller, new_flat,
+                     overlaps, strided_view)
 from .config import WARP_SIZE, launch_config
 from .dtypes import accumulator_dtype, compute_dtype
 from .finalize import finalize_kernels
 from .nchw import nchw_kernels
 from .nhwc import nhwc_kernels
 from .welford import merge_stat_partials, merge_sum_partials
-
-import numpy as np
-from numba import cuda
 
 PLANES, ROWS = "planes", "rows"
 #: CUDA's limit on gridDim.y (gridDim.x allows 2**31 - 1).
@@ -42,8 +42,9 @@ MAX_GRID_Y = 65535
 class _Geometry:
     """How an input of ``shape`` in ``layout`` is laid out for the kernels.
 
-    order: PLANES or ROWS; axes: the logical axes in memory order (outermost first);
-    num_channels; plane_size (S, PLANES) ; count: values per channel.
+    order: PLANES or ROWS; axes: the logical axes in kernel memory order (outermost
+    first); num_channels (C); plane_size (S, the product of the spatial dimensions);
+    count: values per channel (N * S).
     """
 
     def __init__(self, x, layout):
@@ -90,7 +91,7 @@ class _Geometry:
         """The result for the caller: ``out`` (filled from ``target`` if needed) or ``target``."""
         if out is None:
             return like_caller(self.logical_view(target), caller)
-        if data_pointer(target) != data_pointer(out) or not is_dense_in(out, self.axes):
+        if data_pointer(target) != data_pointer(out):  # computed into a fresh buffer
             out[...] = self.logical_view(target)
         return out_caller
 
