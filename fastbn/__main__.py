@@ -147,6 +147,11 @@ over PyTorch CPU (F.batch_norm; NHWC against channels_last) when torch is instal
 
 
 def _progress(done, total, text):
+    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
+    if not sys.stderr.isatty():
+        if done == total or text.startswith("fastbn"):
+            sys.stderr.write(f"[{done}/{total}] {text}\n")
+        return
     width = 24
     filled = int(width * done / max(total, 1))
     sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text[:60]:60}")
@@ -193,7 +198,8 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, pr
         done += 1
         yield row
     progress(total, total, "done")
-    sys.stderr.write("\n")
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
 
 
 def format_table(rows):

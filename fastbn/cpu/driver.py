@@ -45,9 +45,9 @@ PLANES, ROWS = "planes", "rows"
 PLANE_BLOCK = 1 << 14
 #: Planes smaller than this run the row kernels on an (N, C * S) view: a short plane
 #: loop leaves most values to the scalar remainder of the vectorized loop.
-MIN_PLANE = 1024
+MIN_PLANE = 128
 #: Values per row tile (row chunk x column block) of the row kernels.
-ROW_TILE = 1 << 14
+ROW_TILE = 1 << 16
 #: Column-block width of the row reductions: bounds the per-tile accumulators
 #: (2 x 8 KiB of float64, plus the shifts, stay in L1).  Blocks hold whole channels.
 COLS_PER_BLOCK = 1024
