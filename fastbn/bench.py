@@ -72,6 +72,26 @@ def to_layout(a, layout):
     return np.ascontiguousarray(a)
 
 
+_INPUT_CACHE = {}
+
+
+def shared_inputs(shape, layout, dtype):
+    """:func:`make_inputs`, memoized while :func:`sharing_inputs` is on: every implementation
+    of a report then reads the same arrays (and memory holds one copy per layout)."""
+    key = (tuple(shape), layout, np.dtype(dtype).str)
+    if _INPUT_CACHE.get("on"):
+        if key not in _INPUT_CACHE:
+            _INPUT_CACHE[key] = make_inputs(shape, layout, dtype)
+        return _INPUT_CACHE[key]
+    return make_inputs(shape, layout, dtype)
+
+
+def sharing_inputs(on):
+    """Turn input sharing on (True) or off and forget the cached inputs."""
+    _INPUT_CACHE.clear()
+    _INPUT_CACHE["on"] = bool(on)
+
+
 def make_inputs(shape, layout, dtype, seed=0):
     """(x, dy, weight, bias, running_mean, running_var) in ``layout``; ``shape`` in NCHW order."""
     rng = np.random.default_rng(seed)
@@ -104,7 +124,7 @@ class Fastbn(Implementation):
     name, label = "fastbn", "fastbn (Numba CPU)"
 
     def prepare(self, op, layout, shape, dtype):
-        x, dy, w, b, rm, rv = make_inputs(shape, layout, dtype)
+        x, dy, w, b, rm, rv = shared_inputs(shape, layout, dtype)
         out = np.empty_like(x)
         out.fill(0)  # map the pages now, not in the first timed call
         if op == "stats":
@@ -121,7 +141,7 @@ class Reference(Implementation):
     name, label = "numpy", "NumPy reference (float64)"
 
     def prepare(self, op, layout, shape, dtype):
-        x, dy, w, b, rm, rv = make_inputs(shape, layout, dtype)
+        x, dy, w, b, rm, rv = shared_inputs(shape, layout, dtype)
         if op == "stats":
             return lambda: reference.batch_stats(x, layout=layout)
         if op == "forward_train":
@@ -149,7 +169,7 @@ class Torch(Implementation):
         import torch
         import torch.nn.functional as F
 
-        x, dy, w, b, rm, rv = make_inputs(shape, layout, dtype)
+        x, dy, w, b, rm, rv = shared_inputs(shape, layout, dtype)
 
         def logical(a):  # the NCHW-ordered tensor over a's memory (channels_last for NHWC)
             t = torch.from_numpy(a)
@@ -214,14 +234,14 @@ def best_time(fn, repeat=20, min_time=0.2, max_time=None):
 _ROOFLINES = {}
 
 
-def roofline(shape, dtype, repeat=20, min_time=0.1):
+def roofline(shape, dtype, repeat=20, min_time=0.1, fresh=False):
     """The read and copy passes of fastbn's bandwidth kernels over one tensor's bytes,
     with the current thread count (memoized); see :func:`fastbn.cpu.bandwidth.roofline`."""
     import numba
 
     from fastbn.cpu.bandwidth import roofline as measure
     key = (tuple(shape), np.dtype(dtype).str, numba.get_num_threads())
-    if key not in _ROOFLINES:
+    if fresh or key not in _ROOFLINES:
         _ROOFLINES[key] = measure(math.prod(shape) * np.dtype(dtype).itemsize, dtype, repeat, min_time)
     return _ROOFLINES[key]
 
