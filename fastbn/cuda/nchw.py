@@ -53,7 +53,9 @@ def nchw_kernels(dtype):
         c = cuda.blockIdx.x
         b = cuda.blockIdx.y
         count = x.size // num_channels
-        end = min((b + 1) * chunk, count)
+        end = (b + 1) * chunk
+        if end > count:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
+            end = count
         j = b * chunk + cuda.threadIdx.x
         step = cuda.blockDim.x
         n = j // plane_size
@@ -95,7 +97,9 @@ def nchw_kernels(dtype):
         c = cuda.blockIdx.x
         b = cuda.blockIdx.y
         count = x.size // num_channels
-        end = min((b + 1) * chunk, count)
+        end = (b + 1) * chunk
+        if end > count:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
+            end = count
         j = b * chunk + cuda.threadIdx.x
         step = cuda.blockDim.x
         n = j // plane_size

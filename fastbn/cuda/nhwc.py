@@ -46,7 +46,9 @@ def nhwc_kernels(dtype):
         c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         b = cuda.blockIdx.y
         num_rows = x.size // num_channels
-        end = min((b + 1) * rows_per_block, num_rows)
+        end = (b + 1) * rows_per_block
+        if end > num_rows:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
+            end = num_rows
         r = b * rows_per_block + cuda.threadIdx.y
         k = acc(0)
         s1 = acc(0)
@@ -82,7 +84,9 @@ def nhwc_kernels(dtype):
         c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         b = cuda.blockIdx.y
         num_rows = x.size // num_channels
-        end = min((b + 1) * rows_per_block, num_rows)
+        end = (b + 1) * rows_per_block
+        if end > num_rows:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
+            end = num_rows
         r = b * rows_per_block + cuda.threadIdx.y
         s1 = acc(0)
         s2 = acc(0)
