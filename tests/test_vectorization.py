@@ -2,7 +2,8 @@
 
 Numba cannot show the assembly of kernels loaded from its disk cache, so a subprocess
 compiles them afresh into an empty cache directory, runs every public pass once in float32
-for both memory orders, and counts packed (ymm/zmm) floating-point instructions in each
+for both memory orders (NCHW with planes long enough for the plane kernels, and short
+planes, which reduce as rows), and counts packed (ymm/zmm) floating-point instructions in each
 compiled kernel.  A loop that fails to vectorize (e.g. `range(lo, hi)` bounds Numba cannot
 prove, or a NaN-unsafe reduction) leaves a kernel with only scalar `ss`/`sd` arithmetic.
 """
@@ -18,7 +19,7 @@ import pytest
 PROBE = r"""
 import json, re, numba, numpy as np, fastbn
 from fastbn.cpu import nchw, nhwc
-for shape, layout in (((4, 8, 6, 6), "NCHW"), ((4, 6, 6, 8), "NHWC")):
+for shape, layout in (((2, 8, 16, 16), "NCHW"), ((2, 8, 4, 4), "NCHW"), ((4, 6, 6, 8), "NHWC")):
     x = np.ones(shape, np.float32)
     for training in (True, False):
         y, mean, invstd = fastbn.batch_norm_forward(x, training=training, layout=layout,
