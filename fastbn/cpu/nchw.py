@@ -7,17 +7,22 @@ planes (N=1, many pixels) and many small ones both spread over every thread.  It
 covers plane ``i // blocks_per_plane``, values ``[b * block, min((b + 1) * block, S))``
 with ``b = i % blocks_per_plane``; the loops run over slice views with ``range(len)``
 bounds, the shape LLVM vectorizes.
-
-The second passes (normalize, dx) walk each thread's share of the items backwards: the
-first pass (statistics, backward sums) ended on those bytes, so the second one starts on
-what is still in the caches.  Which thread runs an item never changes its result.
 """
 
 import numpy as np
 from numba import prange
 
-from ._jit import parallel_kernel
+from ._jit import inline_helper, parallel_kernel
 from .welford import shifted_moments
+
+
+@inline_helper
+def plane_block(item, blocks_per_plane, num_c, block, size):
+    """(n, c, lo, hi) of work item ``item``: values [lo, hi) of plane (n, c)."""
+    plane = item // blocks_per_plane
+    lo = (item - plane * blocks_per_plane) * block
+    n = plane // num_c
+    return n, plane - n * num_c, lo, min(lo + block, size)
 
 
 @parallel_kernel
@@ -26,12 +31,8 @@ def nchw_stats_partials(x3, block, part_mean, part_m2):
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_mean.shape[0] // num_n
     for item in prange(num_n * num_c * blocks_per_plane):
-        plane = item // blocks_per_plane
-        b = item - plane * blocks_per_plane
-        n = plane // num_c
-        c = plane - n * num_c
-        lo = b * block
-        xs = x3[n, c, lo:min(lo + block, size)]
+        n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
+        xs = x3[n, c, lo:hi]
         k = np.float64(xs[0])
         s1 = 0.0
         s2 = 0.0
@@ -40,34 +41,24 @@ def nchw_stats_partials(x3, block, part_mean, part_m2):
             s1 += d
             s2 += d * d
         mean, m2 = shifted_moments(k, s1, s2, xs.size)
-        part_mean[n * blocks_per_plane + b, c] = mean
-        part_m2[n * blocks_per_plane + b, c] = m2
+        part_mean[n * blocks_per_plane + lo // block, c] = mean
+        part_m2[n * blocks_per_plane + lo // block, c] = m2
 
 
 @parallel_kernel
-def nchw_scale_shift(x3, center, scale, shift, block, num_threads, y3):
+def nchw_scale_shift(x3, center, scale, shift, block, y3):
     """y3 = (x3 - center[c]) * scale[c] + shift[c] for x3, y3 (N, C, S); vectors (C,) in x3's dtype."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    num_items = num_n * num_c * blocks_per_plane
-    for t in prange(num_threads):
-        first = t * num_items // num_threads
-        last = (t + 1) * num_items // num_threads
-        for step in range(last - first):
-            item = last - 1 - step
-            plane = item // blocks_per_plane
-            b = item - plane * blocks_per_plane
-            n = plane // num_c
-            c = plane - n * num_c
-            lo = b * block
-            hi = min(lo + block, size)
-            xs = x3[n, c, lo:hi]
-            ys = y3[n, c, lo:hi]
-            m = center[c]
-            a = scale[c]
-            s = shift[c]
-            for i in range(xs.size):
-                ys[i] = (xs[i] - m) * a + s
+    for item in prange(num_n * num_c * blocks_per_plane):
+        n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
+        xs = x3[n, c, lo:hi]
+        ys = y3[n, c, lo:hi]
+        m = center[c]
+        a = scale[c]
+        s = shift[c]
+        for i in range(xs.size):
+            ys[i] = (xs[i] - m) * a + s
 
 
 @parallel_kernel
@@ -76,12 +67,7 @@ def nchw_backward_reduce(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_sum_dy.shape[0] // num_n
     for item in prange(num_n * num_c * blocks_per_plane):
-        plane = item // blocks_per_plane
-        b = item - plane * blocks_per_plane
-        n = plane // num_c
-        c = plane - n * num_c
-        lo = b * block
-        hi = min(lo + block, size)
+        n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
         gs = dy3[n, c, lo:hi]
         m = mean[c]
@@ -91,33 +77,23 @@ def nchw_backward_reduce(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
             g = np.float64(gs[i])
             s1 += g
             s2 += g * (np.float64(xs[i]) - m)
-        part_sum_dy[n * blocks_per_plane + b, c] = s1
-        part_sum_dy_xmu[n * blocks_per_plane + b, c] = s2
+        part_sum_dy[n * blocks_per_plane + lo // block, c] = s1
+        part_sum_dy_xmu[n * blocks_per_plane + lo // block, c] = s2
 
 
 @parallel_kernel
-def nchw_backward_dx(dy3, x3, center, dy_scale, x_scale, shift, block, num_threads, dx3):
+def nchw_backward_dx(dy3, x3, center, dy_scale, x_scale, shift, block, dx3):
     """dx3 = dy3 * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    num_items = num_n * num_c * blocks_per_plane
-    for t in prange(num_threads):
-        first = t * num_items // num_threads
-        last = (t + 1) * num_items // num_threads
-        for step in range(last - first):
-            item = last - 1 - step
-            plane = item // blocks_per_plane
-            b = item - plane * blocks_per_plane
-            n = plane // num_c
-            c = plane - n * num_c
-            lo = b * block
-            hi = min(lo + block, size)
-            xs = x3[n, c, lo:hi]
-            gs = dy3[n, c, lo:hi]
-            ds = dx3[n, c, lo:hi]
-            m = center[c]
-            a = dy_scale[c]
-            bx = x_scale[c]
-            s = shift[c]
-            for i in range(xs.size):
-                ds[i] = gs[i] * a + (xs[i] - m) * bx + s
+    for item in prange(num_n * num_c * blocks_per_plane):
+        n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
+        xs = x3[n, c, lo:hi]
+        gs = dy3[n, c, lo:hi]
+        ds = dx3[n, c, lo:hi]
+        m = center[c]
+        a = dy_scale[c]
+        bx = x_scale[c]
+        s = shift[c]
+        for i in range(xs.size):
+            ds[i] = gs[i] * a + (xs[i] - m) * bx + s

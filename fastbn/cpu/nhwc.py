@@ -16,9 +16,6 @@ and float64 accumulator.  Reductions work on (row chunk, column block) tiles; co
 blocks hold whole channels (``driver`` aligns them), so a tile's sums fold into its own
 channels' per-chunk partials with no race and in a fixed order.  Rows are consumed two
 at a time, which halves the accumulator loads and stores per value.
-
-The elementwise passes walk each thread's share of the row chunks backwards, starting on
-the bytes the preceding reduction touched last (still in cache).
 """
 
 import numpy as np
@@ -82,22 +79,18 @@ def nhwc_stats_partials(x2, chan, shift, col_shift, rows_per_chunk, cols_per_blo
 
 
 @parallel_kernel
-def nhwc_scale_shift(x2, center, scale, shift, rows_per_chunk, num_threads, y2):
+def nhwc_scale_shift(x2, center, scale, shift, rows_per_chunk, y2):
     """y2 = (x2 - center) * scale + shift, row by row, for x2, y2 (M, W); vectors (W,) in x2's dtype."""
     num_rows = x2.shape[0]
-    num_items = (num_rows + rows_per_chunk - 1) // rows_per_chunk
-    for t in prange(num_threads):
-        first = t * num_items // num_threads
-        last = (t + 1) * num_items // num_threads
-        for step in range(last - first):
-            r0 = (last - 1 - step) * rows_per_chunk
-            xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
-            ys = y2[r0:min(r0 + rows_per_chunk, num_rows)]
-            for r in range(xs.shape[0]):
-                xr = xs[r]
-                yr = ys[r]
-                for c in range(xr.size):
-                    yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
+    for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
+        r0 = i * rows_per_chunk
+        xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
+        ys = y2[r0:min(r0 + rows_per_chunk, num_rows)]
+        for r in range(xs.shape[0]):
+            xr = xs[r]
+            yr = ys[r]
+            for c in range(xr.size):
+                yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
 
 
 @parallel_kernel
@@ -154,21 +147,17 @@ def nhwc_backward_reduce(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block
 
 
 @parallel_kernel
-def nhwc_backward_dx(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chunk, num_threads, dx2):
+def nhwc_backward_dx(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2):
     """dx2 = dy2 * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in x2's dtype."""
     num_rows = x2.shape[0]
-    num_items = (num_rows + rows_per_chunk - 1) // rows_per_chunk
-    for t in prange(num_threads):
-        first = t * num_items // num_threads
-        last = (t + 1) * num_items // num_threads
-        for step in range(last - first):
-            r0 = (last - 1 - step) * rows_per_chunk
-            xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
-            gs = dy2[r0:min(r0 + rows_per_chunk, num_rows)]
-            ds = dx2[r0:min(r0 + rows_per_chunk, num_rows)]
-            for r in range(xs.shape[0]):
-                xr = xs[r]
-                gr = gs[r]
-                dr = ds[r]
-                for c in range(xr.size):
-                    dr[c] = gr[c] * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+    for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
+        r0 = i * rows_per_chunk
+        xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
+        gs = dy2[r0:min(r0 + rows_per_chunk, num_rows)]
+        ds = dx2[r0:min(r0 + rows_per_chunk, num_rows)]
+        for r in range(xs.shape[0]):
+            xr = xs[r]
+            gr = gs[r]
+            dr = ds[r]
+            for c in range(xr.size):
+                dr[c] = gr[c] * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
