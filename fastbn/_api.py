@@ -13,6 +13,13 @@ Contract shared by every public function (see also each docstring):
 - NaN or ±Inf in a channel's data make that channel's batch statistics and its whole
   ``y`` NaN in training (as PyTorch) and never affect other channels; in eval they stay
   elementwise.  A channel of equal values has var 0 and ``y = bias`` for any ``eps > 0``.
+- Where the data lives decides the backend: NumPy arrays run the CPU kernels; CUDA
+  device arrays (numba device arrays, CuPy arrays, PyTorch CUDA tensors: anything with
+  ``__cuda_array_interface__``) run the CUDA kernels with no host round trip, and
+  results come back as the caller's kind of array.  Mixing host and device arrays in
+  one call is a TypeError.  On the device, float16 ``x`` is accepted too: it is
+  accumulated in float32, and its weight, bias, running statistics, saved statistics,
+  ``dweight`` and ``dbias`` are float32 (float16 ``y``/``dx``).
 - Thread-safe: calls may run concurrently from several Python threads (the CPU kernels
   release the GIL; on Numba's non-thread-safe ``workqueue`` layer launches are
   serialized), and a process forked after using fastbn can use it (see
@@ -50,7 +57,7 @@ def _is_device_array(a):
 def _param_dtype(x):
     """dtype of weight, bias and running statistics for input ``x``: x's own, float32
     for float16 input (the CUDA backend keeps float16 parameters in float32)."""
-    dtype = getattr(x, "dtype", None)
+    dtype = _checks.dtype_of(x)
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
@@ -92,7 +99,7 @@ def batch_stats(x, *, layout="NCHW"):
 
     Returns
     -------
-    (mean, var) : float64 arrays of shape (C,).
+    (mean, var) : float64 arrays of shape (C,) (float32 for float16 device input).
     """
     backend, dtypes, _ = _select_backend({"x": x})
     _checks.check_layout(layout)
@@ -132,16 +139,17 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     Returns
     -------
     (y, save_mean, save_invstd) : ``y`` shaped like ``x`` in its dtype (``out`` when
-        given); ``save_mean`` and ``save_invstd = 1 / sqrt(var + eps)`` float64 (C,),
-        the batch statistics (biased var) when training, the running ones in eval.
-        Statistics are float64 so the backward pass sees the mean unrounded.
+        given); ``save_mean`` and ``save_invstd = 1 / sqrt(var + eps)`` float64 (C,)
+        (float32 for float16 device input), the batch statistics (biased var) when
+        training, the running ones in eval.  Statistics are float64 so the backward pass
+        sees the mean unrounded.
     """
     backend, dtypes, _ = _select_backend({"x": x, "weight": weight, "bias": bias,
                                           "running_mean": running_mean, "running_var": running_var,
                                           "out": out})
     _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                layout, dtypes, _param_dtype(x))
-    _checks.check_out(out, "out", x.shape, x.dtype)
+    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
     return backend.batch_norm_forward(x, weight, bias, running_mean, running_var, bool(training),
                                       float(momentum), float(eps), layout, out)
 
@@ -154,7 +162,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     ----------
     dy : gradient of the loss with respect to ``y``; shape and dtype of ``x``.
     x : the forward input (float32 or float64, rank 2-5, in ``layout``).
-    save_mean, save_invstd : (C,) float32 or float64, as returned by
+    save_mean, save_invstd : (C,) float32 or float64 (float32 for float16 device
+        input), as returned by
         :func:`batch_norm_forward` with the same ``training``.
     weight : (C,) array of x's dtype, or None (scale 1).  Bias does not enter the
         backward pass; ``dbias`` is returned either way.
@@ -175,7 +184,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
                                                     "out": out})
     _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
                                 dtypes, _param_dtype(x), stat_dtypes)
-    _checks.check_out(out, "out", x.shape, x.dtype)
+    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
     return backend.batch_norm_backward(dy, x, save_mean, save_invstd, weight, bool(training),
                                        layout, out)
 

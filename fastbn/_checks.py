@@ -14,6 +14,19 @@ LAYOUTS = ("NCHW", "NHWC")
 MIN_RANK, MAX_RANK = 2, 5
 
 
+def dtype_of(array):
+    """The NumPy dtype of ``array``: its ``dtype`` attribute, or for device arrays whose
+    ``dtype`` is not a NumPy one (PyTorch CUDA tensors) the ``typestr`` of their
+    ``__cuda_array_interface__``."""
+    try:
+        return np.dtype(array.dtype)
+    except TypeError:
+        interface = getattr(array, "__cuda_array_interface__", None)
+        if interface is None:
+            raise TypeError(f"expected an array with a NumPy dtype, got dtype {array.dtype!r}") from None
+        return np.dtype(interface["typestr"])
+
+
 def dtype_name(array):
     """The dtype of ``array`` as a short string (works for any array-like)."""
     return str(getattr(array, "dtype", type(array).__name__))
@@ -54,7 +67,7 @@ def check_input(x, name, float_dtypes):
             f"((N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)), "
             f"got rank {len(x.shape)} with shape {tuple(x.shape)}"
         )
-    if np.dtype(x.dtype) not in float_dtypes:
+    if dtype_of(x) not in float_dtypes:
         allowed = " or ".join(str(d) for d in float_dtypes)
         raise TypeError(f"{name}: expected dtype {allowed}, got {dtype_name(x)}")
     if 0 in tuple(x.shape):
@@ -84,11 +97,35 @@ def check_channel_vector(v, name, num_channels, dtype):
             f"{name}: expected shape ({num_channels},) (one value per channel), got {tuple(v.shape)}"
         )
     accepted = dtype if isinstance(dtype, tuple) else (dtype,)
-    if np.dtype(v.dtype) not in accepted:
+    if dtype_of(v) not in accepted:
         expected = " or ".join(str(np.dtype(d)) for d in accepted)
         raise TypeError(f"{name}: expected dtype {expected}, got {dtype_name(v)}")
     reject_masked(v, name)
     return v
+
+
+def _byte_span(a):
+    """[first, last) byte addresses ``a``'s elements can touch, from its array interface
+    (``__cuda_array_interface__`` for device arrays; the NumPy one otherwise, which is
+    also what numba's CUDA simulator arrays expose)."""
+    interface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    start = interface["data"][0]
+    itemsize = np.dtype(interface["typestr"]).itemsize
+    shape = interface["shape"]
+    strides = interface.get("strides") or tuple(
+        itemsize * math.prod(shape[i + 1:]) for i in range(len(shape)))
+    low = start + sum(st * (n - 1) for st, n in zip(strides, shape) if st < 0)
+    high = start + itemsize + sum(st * (n - 1) for st, n in zip(strides, shape) if st > 0)
+    return low, high
+
+
+def may_share_memory(a, b):
+    """True when arrays ``a`` and ``b`` (host or device) may overlap in memory."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b)
+    a_low, a_high = _byte_span(a)
+    b_low, b_high = _byte_span(b)
+    return a_low < b_high and b_low < a_high
 
 
 def check_writable(v, name):
@@ -127,8 +164,7 @@ def check_running_stats(running_mean, running_var, num_channels, dtype, training
     if training:
         check_writable(running_mean, "running_mean")
         check_writable(running_var, "running_var")
-        if (isinstance(running_mean, np.ndarray) and isinstance(running_var, np.ndarray)
-                and np.may_share_memory(running_mean, running_var)):
+        if may_share_memory(running_mean, running_var):
             raise ValueError("running_var: expected an array separate from running_mean "
                              "(both are updated in place), got one sharing its memory")
 
@@ -141,7 +177,7 @@ def check_out(out, name, shape, dtype):
         raise TypeError(f"{name}: expected an array of shape {tuple(shape)}, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(out.shape)}")
-    if np.dtype(out.dtype) != np.dtype(dtype):
+    if dtype_of(out) != np.dtype(dtype):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {dtype_name(out)}")
     reject_masked(out, name)
     check_writable(out, name)
@@ -186,7 +222,7 @@ def check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
     check_input(dy, "dy", float_dtypes)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if np.dtype(dy.dtype) != np.dtype(x.dtype):
+    if dtype_of(dy) != dtype_of(x):
         raise TypeError(f"dy: expected the dtype of x ({dtype_name(x)}), got {dtype_name(dy)}")
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")

@@ -203,3 +203,19 @@ def test_results_do_not_depend_on_thread_count(rng, layout):
     for first, second in itertools.pairwise(results):
         for a, b in zip(first, second):
             np.testing.assert_array_equal(a, b)
+
+
+def test_dtypes_of_device_arrays_come_from_their_interface():
+    """PyTorch CUDA tensors carry a torch dtype; the checks read the NumPy dtype from
+    ``__cuda_array_interface__`` instead of failing on ``np.dtype(torch.float32)``."""
+    from fastbn import _checks
+
+    class TorchLikeTensor:
+        dtype = "torch.float16"  # not a NumPy dtype name
+        shape = (2, 3)
+        __cuda_array_interface__ = {"typestr": "<f2", "shape": (2, 3), "data": (0, False), "version": 3}
+
+    assert _checks.dtype_of(TorchLikeTensor()) == np.float16
+    assert _checks.dtype_of(np.zeros(2, np.float32)) == np.float32
+    with pytest.raises(TypeError, match="NumPy dtype"):
+        _checks.dtype_of(type("Odd", (), {"dtype": "no such dtype"})())

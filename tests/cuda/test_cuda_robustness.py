@@ -98,3 +98,15 @@ def test_device_out_is_x():
     yr = reference.batch_norm_forward(x.astype(np.float64))[0]
     np.testing.assert_allclose(xd.copy_to_host(), yr, rtol=0, atol=_atol(np.float32, np.abs(yr).max()))
     np.testing.assert_allclose(y.copy_to_host(), yr, rtol=0, atol=_atol(np.float32, np.abs(yr).max()))
+
+
+def test_device_running_stats_sharing_memory_are_refused():
+    """Both running statistics are written in place: views of one device buffer that
+    overlap would race, so they are refused like overlapping NumPy arrays."""
+    x = D(_x((4, 3, 5)))
+    both = D(np.zeros(6, np.float32))
+    with pytest.raises(ValueError, match="running_var: expected an array separate from running_mean"):
+        fastbn.batch_norm_forward(x, running_mean=both[:3], running_var=both[:3])
+    before = both.copy_to_host()
+    fastbn.batch_norm_forward(x, running_mean=both[:3], running_var=both[3:])  # disjoint halves
+    assert not np.array_equal(both.copy_to_host(), before)
