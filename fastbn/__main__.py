@@ -57,13 +57,33 @@ def make_inputs(shape, layout, dtype, seed=0):
     return x, dy, weight, bias
 
 
-def check(shape, dtype):
-    """Max relative error of fastbn's y and dx against the float64 reference, per layout."""
+def gpu_description():
+    """One line naming the GPU fastbn's CUDA backend would use, or None (no CUDA here)."""
+    try:
+        from numba import cuda
+        if not (numba.config.ENABLE_CUDASIM or cuda.is_available()):
+            return None
+        from fastbn import cuda as fastbn_cuda
+    except Exception:  # a broken CUDA install must not break the CPU report
+        return None
+    return fastbn_cuda.describe()
+
+
+def check(shape, dtype, on_gpu=False):
+    """Max relative error of fastbn's y and dx against the float64 reference, per layout
+    (inputs copied to the GPU first when ``on_gpu``)."""
     errors = {}
     for layout in LAYOUTS:
         x, dy, weight, bias = make_inputs(shape, layout, dtype)
-        y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, layout=layout)
-        dx, dweight, dbias = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout)
+        if on_gpu:
+            from numba import cuda
+            args = [cuda.to_device(a) for a in (x, dy, weight, bias)]
+            y, mean, invstd = fastbn.batch_norm_forward(args[0], args[2], args[3], layout=layout)
+            dx, _, _ = fastbn.batch_norm_backward(args[1], args[0], mean, invstd, args[2], layout=layout)
+            y, mean, invstd, dx = (a.copy_to_host() for a in (y, mean, invstd, dx))
+        else:
+            y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, layout=layout)
+            dx, _, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout)
         x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
         y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(x64, weight, bias, layout=layout)
         dx_ref, _, _ = reference.batch_norm_backward(dy64, x64, mean_ref, invstd_ref, weight, layout=layout)
@@ -135,6 +155,14 @@ def main(argv=None):
           + ", ".join(f"{layout} max rel. error {err:.1e}" for layout, err in errors.items()))
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     ok = all(err < tolerance for err in errors.values())
+    gpu = gpu_description()
+    if gpu is None:
+        print("GPU: none usable by numba.cuda here (CPU backend only)")
+    else:
+        gpu_errors = check((4, 8, 9, 7), dtype, on_gpu=True)
+        ok = ok and all(err < tolerance for err in gpu_errors.values())
+        print(f"GPU: {gpu}; check against the reference: "
+              + ", ".join(f"{layout} max rel. error {err:.1e}" for layout, err in gpu_errors.items()))
     print("OK" if ok else f"FAILED: error above {tolerance:g}")
 
     print(f"\nshape {shape} {dtype}, best of {args.repeat} (reference: float64 NumPy, "
