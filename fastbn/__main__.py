@@ -30,20 +30,6 @@ DEFAULT_SHAPE = (32, 64, 56, 56)
 LAYOUTS = ("NCHW", "NHWC")
 
 
-def best_time(fn, repeat, min_time=0.2):
-    """Best wall time (s) of ``fn()`` over ``repeat`` runs, and at least ``min_time`` seconds."""
-    fn()  # warm-up: compiles (or loads from cache) and faults pages in
-    best = float("inf")
-    start = time.perf_counter()
-    runs = 0
-    while runs < repeat or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        runs += 1
-    return best
-
-
 def make_inputs(shape, layout, dtype, seed=0):
     """Random (x, dy, weight, bias) in ``layout``; ``shape`` is given in NCHW order."""
     rng = np.random.default_rng(seed)
@@ -109,8 +95,8 @@ def timing_rows(shape, dtype, repeat):
                 lambda: reference.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout)),
         }
         for name, (tensor_passes, run_fastbn, run_reference) in passes.items():
-            yield (layout, name, best_time(run_fastbn, repeat), best_time(run_reference, max(1, repeat // 5)),
-                   tensor_passes * x.nbytes)
+            yield (layout, name, fbench.best_time(run_fastbn, repeat),
+                   fbench.best_time(run_reference, max(1, repeat // 5)), tensor_passes * x.nbytes)
 
 
 def build_parser():

@@ -24,12 +24,12 @@ PyTorch: ``channels_last``, the same logical NCHW tensor).
 
 import math
 import os
-import time
 
 import numpy as np
 
 import fastbn
 from fastbn import reference
+from fastbn._timing import best_time  # noqa: F401  (re-exported for the suites)
 
 OPS = ("stats", "forward_train", "forward_eval", "backward")
 LAYOUTS = ("NCHW", "NHWC")
@@ -212,23 +212,6 @@ def set_threads(threads):
     numba.set_num_threads(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
-
-
-def best_time(fn, repeat=20, min_time=0.2, max_time=None):
-    """Best wall time (s) of ``fn()`` over at least ``repeat`` runs and ``min_time`` seconds
-    (stopping at ``max_time`` seconds when given).  One untimed warm-up call first."""
-    fn()
-    best = float("inf")
-    start = time.perf_counter()
-    runs = 0
-    while runs < repeat or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        runs += 1
-        if max_time is not None and time.perf_counter() - start > max_time:
-            break
-    return best
 
 
 _ROOFLINES = {}

@@ -7,12 +7,11 @@ forward reads ``x`` once for the statistics and once more while writing ``y``, i
 read pass plus one copy pass of the same bytes.  :func:`roofline` times both.
 """
 
-import time
-
 import numba
 import numpy as np
 from numba import prange
 
+from .._timing import best_time
 from ._jit import parallel_kernel
 
 #: Values per work item of the probes.
@@ -40,19 +39,6 @@ def copy_pass(x1, block, y1):
             ys[i] = xs[i]
 
 
-def _best(fn, repeat, min_time):
-    fn()
-    best = float("inf")
-    start = time.perf_counter()
-    runs = 0
-    while runs < repeat or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        runs += 1
-    return best
-
-
 def roofline(nbytes, dtype=np.float32, repeat=20, min_time=0.1):
     """Best times (s) of a read pass and of a copy pass over ``nbytes`` of ``dtype``.
 
@@ -64,8 +50,8 @@ def roofline(nbytes, dtype=np.float32, repeat=20, min_time=0.1):
     x = np.ones(n, dtype)
     y = np.zeros(n, dtype)  # written once, so its pages are mapped before timing
     partial = np.empty(-(-n // BLOCK))
-    read_s = _best(lambda: read_pass(x, BLOCK, partial), repeat, min_time)
-    copy_s = _best(lambda: copy_pass(x, BLOCK, y), repeat, min_time)
+    read_s = best_time(lambda: read_pass(x, BLOCK, partial), repeat, min_time)
+    copy_s = best_time(lambda: copy_pass(x, BLOCK, y), repeat, min_time)
     nb = n * dtype.itemsize
     return {"read_s": read_s, "copy_s": copy_s, "read_gbps": nb / read_s / 1e9,
             "copy_gbps": 2 * nb / copy_s / 1e9, "threads": numba.get_num_threads()}
