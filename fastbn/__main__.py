@@ -8,16 +8,8 @@ reads x and dy twice and writes dx = 5 passes), the reference's time and the spe
 """
 
 import argparse
-import os
 import sys
 import time
-
-if sys.argv[1:2] == ["bench"]:
-    # PyTorch and Numba's "omp" layer each keep a GNU OpenMP pool in this process; with
-    # the default wait policy idle workers spin and starve the other pool's threads
-    # (measured: 16-20 ms stalls on 2 cores).  Read when libgomp loads, i.e. before the
-    # first parallel launch and before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba
 import numpy as np
@@ -27,6 +19,8 @@ from fastbn import bench as fbench
 from fastbn import reference
 
 DEFAULT_SHAPE = (32, 64, 56, 56)
+#: Pause before each timed case of the bench report (see bench_rows).
+IDLE_PAUSE_S = 0.05
 LAYOUTS = ("NCHW", "NHWC")
 
 
@@ -224,6 +218,11 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                 if name == "numpy" and r > 0:
                     continue
                 progress(done, total, f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)}")
+                # PyTorch and Numba each keep an OpenMP pool whose idle workers spin for a
+                # while before sleeping; a pause lets the other pool go to sleep first, so
+                # each implementation is timed with the cores to itself, in its default
+                # configuration (no OMP_WAIT_POLICY forced on either).
+                time.sleep(IDLE_PAUSE_S)
                 if name == "numpy":
                     t = fbench.best_time(fn, 1 if quick else 3, 0.0, max_time=2.0)
                 else:
