@@ -11,7 +11,6 @@ channel with their partials merged by a second kernel, several warps per block,
 grid-stride elementwise loops.  On a GPU the same tests run plus larger shapes.
 """
 
-import math
 import sys
 
 import numba
@@ -26,6 +25,7 @@ if not (SIMULATOR or cuda.is_available()):
 
 import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
+from fastbn._checks import values_per_channel  # noqa: E402
 from fastbn.cuda import launch_config  # noqa: E402
 from fastbn.cuda.arrays import dense_strides, strided_view  # noqa: E402
 
@@ -116,10 +116,6 @@ def host(a):
 
 def device(a):
     return None if a is None else cuda.to_device(a)
-
-
-def values_per_channel(shape, layout):
-    return math.prod(shape) // shape[1 if layout == "NCHW" else -1]
 
 
 def make_case(rng, shape_nchw, layout, dtype, offset=3.0):
