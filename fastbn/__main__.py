@@ -181,8 +181,9 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
     """Measure every (shape, layout, op); yields one dict per case.
 
     Per shape, every case is prepared (inputs shared by the implementations), then timed
-    in ``rounds`` interleaved rounds, the roofline probes included, keeping each one's
-    best time: a burst of load from other processes then spoils one round, not a case.
+    in ``rounds`` interleaved rounds, keeping each one's best time: a burst of load from
+    other processes then spoils one round, not a case.  The roofline of each case is
+    measured right after fastbn's timing of it, in every round (best kept).
     The NumPy reference (slow) is timed in the first round only.
     """
     impls = fbench.available_implementations()
@@ -207,12 +208,9 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                         cases.append((layout, op, name, fn))
                     done += 1
         best = {}
-        roof = None
+        roofs = {}
         for r in range(rounds):
             progress(done, total, f"round {r + 1}/{rounds} roofline {fbench.shape_label(shape)}")
-            probe = fbench.roofline(shape, dtype, repeat=repeat, min_time=min_time, fresh=True)
-            roof = probe if roof is None else {k: min(roof[k], probe[k]) if k.endswith("_s") else probe[k]
-                                               for k in probe}
             done += 1
             for layout, op, name, fn in cases:
                 if name == "numpy" and r > 0:
@@ -229,6 +227,13 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                     t = fbench.best_time(fn, repeat, min_time)
                 key = (layout, op, name)
                 best[key] = min(best.get(key, float("inf")), t)
+                if name == "fastbn":
+                    # The roofline right after the case it bounds: this machine's bandwidth
+                    # drifts over a run, and a bound measured at another moment can read
+                    # below the kernel it is meant to bound.
+                    probe = fbench.roofline(shape, dtype, repeat=repeat, min_time=min_time, fresh=True)
+                    roofs[(layout, op)] = min(roofs.get((layout, op), float("inf")),
+                                              fbench.roofline_seconds(op, probe))
                 done += 1
         del cases
         fbench.sharing_inputs(False)
@@ -239,7 +244,7 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                 for name in impls:
                     if (layout, op, name) in best:
                         row[f"{name}_s"] = best[(layout, op, name)]
-                row["roofline_s"] = fbench.roofline_seconds(op, roof)
+                row["roofline_s"] = roofs[(layout, op)]
                 row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
                 row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
                 row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
