@@ -27,7 +27,7 @@ import numpy as np
 from numba import cuda
 
 from .dtypes import accumulator_dtype, compute_dtype
-from .welford import MAX_WARPS, block_merge, block_sum2, shifted_moments
+from .welford import MAX_WARPS, block_merge, block_sum2, thread_partial
 
 #: The four kernels of one memory order, compiled for one input dtype.
 LayoutKernels = collections.namedtuple(
@@ -76,12 +76,7 @@ def nchw_kernels(dtype):
             while s >= plane_size:
                 s -= plane_size
                 n += 1
-        mean = 0.0
-        m2 = 0.0
-        if values > 0:
-            mean_t, m2_t = shifted_moments(k, s1, s2, acc(values))
-            mean = np.float64(mean_t)
-            m2 = np.float64(m2_t)
+        mean, m2 = thread_partial(k, s1, s2, acc(values))
         total, mean, m2 = block_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
         if cuda.threadIdx.x == 0:
             part_n[c, b] = total

@@ -25,7 +25,7 @@ from numba import cuda
 from .config import MAX_THREADS_PER_BLOCK
 from .dtypes import accumulator_dtype, compute_dtype
 from .nchw import LayoutKernels
-from .welford import column_merge, column_sum2, shifted_moments
+from .welford import column_merge, column_sum2, thread_partial
 
 
 @functools.cache
@@ -63,12 +63,7 @@ def nhwc_kernels(dtype):
                 s2 += d * d
                 values += 1
                 r += cuda.blockDim.y
-        mean = 0.0
-        m2 = 0.0
-        if values > 0:
-            mean_t, m2_t = shifted_moments(k, s1, s2, acc(values))
-            mean = np.float64(mean_t)
-            m2 = np.float64(m2_t)
+        mean, m2 = thread_partial(k, s1, s2, acc(values))
         total, mean, m2 = column_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
         if cuda.threadIdx.y == 0 and c < num_channels:
             part_n[c, b] = total

@@ -35,6 +35,17 @@ def shifted_moments(k, s1, s2, n):
 
 
 @cuda.jit(device=True)
+def thread_partial(k, s1, s2, n):
+    """A thread's float64 (mean, M2) from its sums shifted by ``k`` over ``n`` values,
+    all in the accumulator dtype; (0, 0) when it had none (its count, 0, makes it
+    neutral in the merges)."""
+    if n == 0:
+        return 0.0, 0.0
+    mean, m2 = shifted_moments(k, s1, s2, n)
+    return np.float64(mean), np.float64(m2)
+
+
+@cuda.jit(device=True)
 def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan's merge of two (count, mean, M2) partials; an empty one (count 0) is neutral."""
     if n_b == 0.0:
@@ -223,5 +234,5 @@ def merge_sum_partials(part_a, part_b, sum_a, sum_b):
         sum_b[c] = b
 
 
-__all__ = ["shifted_moments", "chan_merge", "block_merge", "block_sum2", "column_merge",
+__all__ = ["shifted_moments", "thread_partial", "chan_merge", "block_merge", "block_sum2", "column_merge",
            "column_sum2", "merge_stat_partials", "merge_sum_partials"]
