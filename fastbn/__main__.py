@@ -21,20 +21,6 @@ from fastbn import reference
 DEFAULT_SHAPE = (32, 64, 56, 56)
 #: Pause before each timed case of the bench report (see bench_rows).
 IDLE_PAUSE_S = 0.05
-LAYOUTS = ("NCHW", "NHWC")
-
-
-def make_inputs(shape, layout, dtype, seed=0):
-    """Random (x, dy, weight, bias) in ``layout``; ``shape`` is given in NCHW order."""
-    rng = np.random.default_rng(seed)
-    if layout == "NHWC":
-        shape = (shape[0], *shape[2:], shape[1])
-    channels = shape[1] if layout == "NCHW" else shape[-1]
-    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
-    bias = rng.standard_normal(channels).astype(dtype)
-    return x, dy, weight, bias
 
 
 def gpu_description():
@@ -53,8 +39,8 @@ def check(shape, dtype, on_gpu=False):
     """Max relative error of fastbn's y and dx against the float64 reference, per layout
     (inputs copied to the GPU first when ``on_gpu``)."""
     errors = {}
-    for layout in LAYOUTS:
-        x, dy, weight, bias = make_inputs(shape, layout, dtype)
+    for layout in fbench.LAYOUTS:
+        x, dy, weight, bias, _, _ = fbench.make_inputs(shape, layout, dtype)
         if on_gpu:
             from numba import cuda
             args = [cuda.to_device(a) for a in (x, dy, weight, bias)]
@@ -74,10 +60,8 @@ def check(shape, dtype, on_gpu=False):
 
 def timing_rows(shape, dtype, repeat):
     """Yield (layout, pass, fastbn s, reference s, bytes moved) for the default report."""
-    for layout in LAYOUTS:
-        x, dy, weight, bias = make_inputs(shape, layout, dtype)
-        rm = np.zeros_like(weight)
-        rv = np.ones_like(weight)
+    for layout in fbench.LAYOUTS:
+        x, dy, weight, bias, rm, rv = fbench.make_inputs(shape, layout, dtype)
         y_buf, dx_buf = np.empty_like(x), np.empty_like(x)
         _, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, layout=layout)
         passes = {
