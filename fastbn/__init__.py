@@ -1,19 +1,25 @@
 """fastbn: fast, accurate batch-normalization kernels (Numba, CPU and CUDA).
 
-Public functions (PyTorch ``F.batch_norm`` conventions):
+Public functions:
 
-- :func:`batch_norm` — ``F.batch_norm`` argument order, returns ``y``;
+- :func:`batch_norm` — ``torch.nn.functional.batch_norm``'s argument order, returns ``y``;
 - :func:`batch_norm_forward` — returns ``(y, save_mean, save_invstd)``;
 - :func:`batch_norm_backward` — returns ``(dx, dweight, dbias)``;
-- :func:`batch_stats` — per-channel ``(mean, var)`` in one pass.
+- :func:`batch_stats` — per-channel ``(mean, var)`` in one pass;
+- :func:`moments`, :class:`Moments`, :func:`stream_moments` — mergeable per-channel
+  statistics (one pass per array, merged across chunks, datasets or processes);
+- :mod:`fastbn.stages` — the pipeline's stages the functions above are built from.
 
 :mod:`fastbn.reference` holds the float64 NumPy implementation they are tested against.
 """
 
-from . import reference
+from . import reference, stages
 from ._api import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
 from .layers import BatchNorm
+from .stages import moments
+from .stats import BackwardSums, Moments, stream_moments
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm", "batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats", "reference"]
+__all__ = ["BatchNorm", "BackwardSums", "Moments", "batch_norm", "batch_norm_forward", "batch_norm_backward",
+           "batch_stats", "moments", "reference", "stages", "stream_moments"]

@@ -26,63 +26,17 @@ Contract shared by every public function (see also each docstring):
   :mod:`fastbn.cpu._jit`).
 """
 
-import sys
-
-import numpy as np
-
 from . import _checks
-from . import cpu as _cpu
-
-CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _cpu_array(a, name):
-    if a is not None and not isinstance(a, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray or a CUDA device array, got {type(a).__name__}")
-    return a
-
-
-def _is_device_array(a):
-    """True for anything exposing ``__cuda_array_interface__`` (CuPy, PyTorch CUDA, numba)
-    and for numba device arrays, recognised as numba does (under numba's CUDA simulator
-    they expose no interface).  A numba device array cannot exist before ``numba.cuda``
-    is imported, so a host-only process never imports it here."""
-    if hasattr(a, "__cuda_array_interface__"):
-        return True
-    numba_cuda = sys.modules.get("numba.cuda")
-    devicearray = getattr(numba_cuda, "devicearray", None)
-    return devicearray is not None and bool(devicearray.is_cuda_ndarray(a))
+from ._dispatch import select_backend
+from .dtypes import POLICIES
 
 
 def _param_dtype(x):
-    """dtype of weight, bias and running statistics for input ``x``: x's own, float32
-    for float16 input (the CUDA backend keeps float16 parameters in float32)."""
+    """dtype of weight, bias and running statistics for input ``x`` (:mod:`fastbn.dtypes`);
+    x's own for dtypes without a policy, which the input check then refuses."""
     dtype = _checks.dtype_of(x)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
-
-
-def _select_backend(arrays):
-    """Return (backend module, float dtypes, statistics dtypes) for the named arrays.
-
-    ``arrays`` maps argument names to values (None allowed).  All non-None arrays must
-    live on the same side: host (NumPy) or device (CUDA); the first one decides and any
-    other is a TypeError naming it.  Device arrays select :mod:`fastbn.cuda`, imported
-    only then (a RuntimeError when numba.cuda has no GPU); it accepts float16 too.
-    """
-    given = [(name, a) for name, a in arrays.items() if a is not None]
-    on_device = [_is_device_array(a) for _, a in given]
-    for (name, a), device in zip(given, on_device):
-        if device != on_device[0]:
-            expected = "a CUDA device array" if on_device[0] else "a numpy.ndarray"
-            raise TypeError(f"{name}: expected {expected} like {given[0][0]} (host and device "
-                            f"arrays cannot be mixed in one call), got {type(a).__name__}")
-    if not any(on_device):
-        for name, a in given:
-            _cpu_array(a, name)
-        return _cpu, CPU_DTYPES, CPU_DTYPES
-    from . import cuda as backend  # lazy: only processes that pass device arrays need it
-    backend.require_gpu()
-    return backend, backend.FLOAT_DTYPES, backend.STAT_DTYPES
+    known = POLICIES.get(dtype.name)
+    return known.parameters if known else dtype
 
 
 def batch_stats(x, *, layout="NCHW"):
@@ -101,13 +55,14 @@ def batch_stats(x, *, layout="NCHW"):
     -------
     (mean, var) : float64 arrays of shape (C,) (float32 for float16 device input).
     """
-    backend, dtypes, _ = _select_backend({"x": x})
+    backend = select_backend({"x": x})
     _checks.check_layout(layout)
-    _checks.check_input(x, "x", dtypes)
-    return backend.batch_stats(x, layout)
+    _checks.check_input(x, "x", backend.storage_dtypes)
+    b = backend.module
+    return b.mean_var(b.moments(x, b.geometry(x, layout)), _checks.dtype_of(x))
 
 
-def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
     """Batch-norm forward pass: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
 
@@ -144,14 +99,25 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         training, the running ones in eval.  Statistics are float64 so the backward pass
         sees the mean unrounded.
     """
-    backend, dtypes, _ = _select_backend({"x": x, "weight": weight, "bias": bias,
-                                          "running_mean": running_mean, "running_var": running_var,
-                                          "out": out})
+    backend = select_backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
+                              "running_var": running_var, "out": out})
     _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                               layout, dtypes, _param_dtype(x))
-    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
-    return backend.batch_norm_forward(x, weight, bias, running_mean, running_var, bool(training),
-                                      float(momentum), float(eps), layout, out)
+                               layout, backend.storage_dtypes, _param_dtype(x))
+    dtype = _checks.dtype_of(x)
+    _checks.check_out(out, "out", x.shape, dtype)
+    b = backend.module
+    geometry = b.geometry(x, layout)
+    x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
+    if training:
+        m = b.moments(x, geometry)
+        coefficients = b.forward_coefficients(
+            m.count, m.mean, m.m2, True, weight, bias, float(eps), running_mean, running_var,
+            float(momentum), running_mean is not None, dtype)
+    else:
+        coefficients = b.forward_coefficients(
+            None, running_mean, running_var, False, weight, bias, float(eps), None, None, 0.0, False, dtype)
+    y = b.apply(x, coefficients, geometry, out)
+    return y, coefficients.mean, coefficients.invstd
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
@@ -179,14 +145,23 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     (dx, dweight, dbias) : ``dx`` like ``x``; ``dweight = sum(dy * x_hat)`` and
         ``dbias = sum(dy)``, (C,) in x's dtype (returned even when ``weight`` is None).
     """
-    backend, dtypes, stat_dtypes = _select_backend({"dy": dy, "x": x, "save_mean": save_mean,
-                                                    "save_invstd": save_invstd, "weight": weight,
-                                                    "out": out})
+    backend = select_backend({"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd,
+                              "weight": weight, "out": out})
     _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
-                                dtypes, _param_dtype(x), stat_dtypes)
-    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
-    return backend.batch_norm_backward(dy, x, save_mean, save_invstd, weight, bool(training),
-                                       layout, out)
+                                backend.storage_dtypes, _param_dtype(x), backend.statistics_dtypes)
+    dtype = _checks.dtype_of(x)
+    _checks.check_out(out, "out", x.shape, dtype)
+    b = backend.module
+    geometry = b.geometry(x, layout)
+    x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
+    sums = b.backward_sums(dy, x, save_mean, geometry)
+    dweight, dbias = b.parameter_gradients(sums, save_invstd, dtype)
+    coefficients = b.backward_coefficients(sums, save_mean, save_invstd, weight, bool(training), dtype)
+    if training:
+        dx = b.backward_apply(dy, x, coefficients, geometry, out)
+    else:
+        dx = b.backward_scale(dy, coefficients, geometry, out)
+    return dx, dweight, dbias
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
@@ -196,6 +171,6 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Same arguments and semantics as :func:`batch_norm_forward` (note the different
     positional order and the default ``training=False``, as in PyTorch).
     """
-    y, _, _ = batch_norm_forward(x, weight, bias, running_mean, running_var, training=training,
-                                 momentum=momentum, eps=eps, layout=layout)
+    y, _, _ = batch_norm_forward(x, weight, bias, running_mean=running_mean, running_var=running_var,
+                                 training=training, momentum=momentum, eps=eps, layout=layout)
     return y

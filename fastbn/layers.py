@@ -11,7 +11,8 @@ import math
 import numpy as np
 
 from . import _checks
-from ._api import CPU_DTYPES, batch_norm_backward, batch_norm_forward
+from ._api import batch_norm_backward, batch_norm_forward
+from .dtypes import storage_dtypes
 
 #: The arrays a layer may hold, in PyTorch's ``state_dict`` order.
 _PARAMETER_NAMES = ("weight", "bias")
@@ -87,7 +88,7 @@ class BatchNorm:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
         if momentum is not None:
             momentum = _checks.check_scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
-        if np.dtype(dtype) not in CPU_DTYPES:
+        if np.dtype(dtype) not in storage_dtypes("cpu"):
             raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
         self.num_features = int(num_features)
         self.eps = _checks.check_scalar(eps, "eps", 0.0, math.inf, low_open=True)

@@ -1,5 +1,11 @@
-"""CPU backend: Numba ``parallel=True`` kernels per memory layout and their host driver."""
+"""CPU backend: Numba ``parallel=True`` kernels per kernel family (:mod:`~fastbn.cpu.planes`,
+:mod:`~fastbn.cpu.rows`), the per-channel kernels (:mod:`~fastbn.cpu.channels`) and the
+pipeline's stages that launch them (:mod:`~fastbn.cpu.stages`)."""
 
-from .driver import batch_norm_backward, batch_norm_forward, batch_stats
+from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
+                     forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
+                     moments_var, parameter_gradients)
 
-__all__ = ["batch_stats", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
+           "forward_coefficients", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
+           "moments_var", "parameter_gradients"]

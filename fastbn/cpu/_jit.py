@@ -135,6 +135,13 @@ def parallel_kernel(fn):
     return _njit(fn, parallel=True, nogil=True, fastmath=set(FASTMATH))
 
 
+def serial_kernel(fn):
+    """Compile ``fn`` as a single-threaded kernel (O(C) per-channel loops) that releases the
+    GIL, with strict IEEE arithmetic: the per-channel algebra orders its products to avoid
+    overflow (see :mod:`fastbn.algebra`), which reassociation could undo."""
+    return _njit(fn, nogil=True)
+
+
 def inline_helper(fn):
     """Compile a small scalar helper that is inlined into the kernels calling it."""
     return _njit(fn, nogil=True, inline="always", fastmath=set(FASTMATH))

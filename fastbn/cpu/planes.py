@@ -1,7 +1,8 @@
-"""Kernels for channel-first memory: ``x`` viewed as (N, C, S), each (n, c) plane contiguous.
+"""Plane kernels: ``x`` viewed as (N, C, S), each (n, c) plane of S values contiguous.
 
-Used for planes large enough to fill the vector lanes (see ``driver.MIN_PLANE``; smaller
-planes run the row kernels of :mod:`fastbn.cpu.nhwc` on an (N, C * S) view).  Work is
+The :data:`~fastbn.geometry.PLANES` family (channel-first memory).  The reductions run
+here for planes large enough to fill the vector lanes (see ``plans.MIN_PLANE``; smaller
+planes reduce as rows, :mod:`fastbn.cpu.rows`, on an (N, C * S) view).  Work is
 split into items of at most ``block`` contiguous values of one plane, so a few huge
 planes (N=1, many pixels) and many small ones both spread over every thread.  Item ``i``
 covers plane ``i // blocks_per_plane``, values ``[b * block, min((b + 1) * block, S))``
@@ -13,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import inline_helper, parallel_kernel
-from .welford import shifted_moments
+from ..algebra import shifted_moments
 
 
 @inline_helper
@@ -33,27 +34,27 @@ def plane_block(item, blocks_per_plane, num_c, block, size):
 
 
 @parallel_kernel
-def nchw_stats_partials(x3, block, part_mean, part_m2):
+def planes_moments(x3, block, part_mean, part_m2):
     """Per-item (mean, M2) of x3 (N, C, S); outputs (N * blocks_per_plane, C) float64."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_mean.shape[0] // num_n
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
-        k = np.float64(xs[0])
+        pivot = np.float64(xs[0])
         s1 = 0.0
         s2 = 0.0
         for i in range(xs.size):
-            d = np.float64(xs[i]) - k
+            d = np.float64(xs[i]) - pivot
             s1 += d
             s2 += d * d
-        mean, m2 = shifted_moments(k, s1, s2, xs.size)
+        mean, m2 = shifted_moments(pivot, s1, s2, xs.size)
         part_mean[n * blocks_per_plane + lo // block, c] = mean
         part_m2[n * blocks_per_plane + lo // block, c] = m2
 
 
 @parallel_kernel
-def nchw_scale_shift(x3, center, scale, shift, block, y3):
+def planes_apply(x3, center, scale, shift, block, y3):
     """y3 = (x3 - center[c]) * scale[c] + shift[c] for x3, y3 (N, C, S); vectors (C,) in x3's dtype."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
@@ -69,7 +70,7 @@ def nchw_scale_shift(x3, center, scale, shift, block, y3):
 
 
 @parallel_kernel
-def nchw_backward_reduce(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
+def planes_backward_sums(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
     """Per-item sum(dy) and sum(dy * (x - mean[c])) in float64; outputs (N * blocks_per_plane, C)."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_sum_dy.shape[0] // num_n
@@ -89,7 +90,7 @@ def nchw_backward_reduce(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
 
 
 @parallel_kernel
-def nchw_backward_dx(dy3, x3, center, dy_scale, x_scale, shift, block, dx3):
+def planes_backward_apply(dy3, x3, center, dy_scale, x_scale, shift, block, dx3):
     """dx3 = dy3 * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype."""
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block

@@ -1,7 +1,7 @@
 """Row kernels: ``x`` viewed as (M, W) C-contiguous rows of W "columns".
 
 Channel-last memory (NHWC) is the natural case: a row is one pixel, a column one channel.
-The driver also runs two other views through these kernels, described to them by
+The host also runs two other views through these kernels, described to them by
 ``chan`` (W,), the channel of every column:
 
 - few channels: ``R`` consecutive rows folded into one row of ``R * C`` columns (a free
@@ -13,7 +13,7 @@ The driver also runs two other views through these kernels, described to them by
 Per-channel vectors (center, scale, ...) arrive expanded to one value per column.  The
 inner loop always runs over the columns of one row: every column has its own vector lane
 and float64 accumulator.  Reductions work on (row chunk, column block) tiles; column
-blocks hold whole channels (``driver`` aligns them), so a tile's sums fold into its own
+blocks hold whole channels (``plans`` aligns them), so a tile's sums fold into its own
 channels' per-chunk partials with no race and in a fixed order.  Rows are consumed two
 at a time, which halves the accumulator loads and stores per value.
 """
@@ -22,15 +22,15 @@ import numpy as np
 from numba import prange
 
 from ._jit import parallel_kernel
-from .welford import shifted_moments
+from ..algebra import shifted_moments
 
 
 @parallel_kernel
-def nhwc_stats_partials(x2, chan, shift, col_shift, rows_per_chunk, cols_per_block, part_mean, part_m2):
+def rows_moments(x2, chan, pivot, col_pivot, rows_per_chunk, cols_per_block, part_mean, part_m2):
     """Per-(row chunk, channel) (mean, M2) of x2 (M, W); outputs (row_chunks, C) float64.
 
-    ``shift`` (C,) float64 is a value of each channel's data, ``col_shift`` (W,) the same
-    per column; sums are shifted by it (see :mod:`fastbn.cpu.welford`).
+    ``pivot`` (C,) float64 is a value of each channel's data, ``col_pivot`` (W,) the same
+    per column; sums are shifted by it (see :func:`fastbn.algebra.shifted_moments`).
     """
     num_rows, width = x2.shape
     x1 = x2.reshape(num_rows * width)
@@ -43,7 +43,7 @@ def nhwc_stats_partials(x2, chan, shift, col_shift, rows_per_chunk, cols_per_blo
         rows = min(rows_per_chunk, num_rows - r0)
         c0 = j * cols_per_block
         cols = min(cols_per_block, width - c0)
-        k = col_shift[c0:c0 + cols]
+        k = col_pivot[c0:c0 + cols]
         s1 = np.zeros(cols)
         s2 = np.zeros(cols)
         r = 0
@@ -73,13 +73,13 @@ def nhwc_stats_partials(x2, chan, shift, col_shift, rows_per_chunk, cols_per_blo
             t2[chan[c0 + c] - ch_lo] += s2[c]
         count = rows * (cols // num_ch)
         for ch in range(num_ch):
-            mean, m2 = shifted_moments(shift[ch_lo + ch], t1[ch], t2[ch], count)
+            mean, m2 = shifted_moments(pivot[ch_lo + ch], t1[ch], t2[ch], count)
             part_mean[i, ch_lo + ch] = mean
             part_m2[i, ch_lo + ch] = m2
 
 
 @parallel_kernel
-def nhwc_scale_shift(x2, center, scale, shift, rows_per_chunk, y2):
+def rows_apply(x2, center, scale, shift, rows_per_chunk, y2):
     """y2 = (x2 - center) * scale + shift, row by row, for x2, y2 (M, W); vectors (W,) in x2's dtype."""
     num_rows = x2.shape[0]
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
@@ -94,7 +94,7 @@ def nhwc_scale_shift(x2, center, scale, shift, rows_per_chunk, y2):
 
 
 @parallel_kernel
-def nhwc_backward_reduce(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block,
+def rows_backward_sums(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block,
                          part_sum_dy, part_sum_dy_xmu):
     """Per-(row chunk, channel) sums of dy and dy * (x - mean) in float64; outputs (row_chunks, C).
 
@@ -147,7 +147,7 @@ def nhwc_backward_reduce(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block
 
 
 @parallel_kernel
-def nhwc_backward_dx(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2):
+def rows_backward_apply(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2):
     """dx2 = dy2 * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in x2's dtype."""
     num_rows = x2.shape[0]
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):

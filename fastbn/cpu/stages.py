@@ -1,0 +1,211 @@
+"""The pipeline's stages on the CPU: moments -> merge -> coefficients -> apply, and for
+backward sums -> coefficients -> apply.
+
+Each stage launches the kernel of the family the :class:`~fastbn.geometry.Geometry`
+names (planes or rows) on views of the caller's arrays; the per-channel algebra is
+:mod:`fastbn.algebra`, compiled into :mod:`fastbn.cpu.channels`.  Arguments arrive
+validated (by :mod:`fastbn._api` or :mod:`fastbn.stages`).
+"""
+
+import numpy as np
+
+from .. import dtypes
+from ..coefficients import BackwardCoefficients, ForwardCoefficients
+from ..geometry import PLANES, batch_norm_geometry
+from ..stats import BackwardSums, Moments
+from . import channels, planes, plans, rows, views
+from ._jit import guarded
+
+# Every parallel launch goes through the thread/fork guard (see fastbn.cpu._jit).
+planes_moments = guarded(planes.planes_moments)
+planes_apply = guarded(planes.planes_apply)
+planes_backward_sums = guarded(planes.planes_backward_sums)
+planes_backward_apply = guarded(planes.planes_backward_apply)
+rows_moments = guarded(rows.rows_moments)
+rows_apply = guarded(rows.rows_apply)
+rows_backward_sums = guarded(rows.rows_backward_sums)
+rows_backward_apply = guarded(rows.rows_backward_apply)
+merge_partials = guarded(channels.merge_partials)
+
+as_dense = views.as_dense
+
+
+def geometry(x, layout):
+    """The batch-norm :class:`~fastbn.geometry.Geometry` of NumPy array ``x``."""
+    return batch_norm_geometry(x.shape, x.strides, x.itemsize, layout)
+
+
+# --------------------------------------------------------------------------- statistics
+
+def moments(x, geom):
+    """Per-channel :class:`Moments` of ``x`` (float64 (C,)), one pass."""
+    xv = views.kernel_view(x, geom)
+    num_channels = geom.kept
+    if not plans.reduces_as_rows(xv, geom.family):
+        shape, counts = plans.plane_partials(xv)
+        part_mean, part_m2 = np.empty(shape), np.empty(shape)
+        planes_moments(xv, plans.PLANE_BLOCK, part_mean, part_m2)
+    else:
+        pivot = plans.channel_pivot(xv)
+        all_counts, all_means, all_m2 = [], [], []
+        for (piece,), expand in plans.row_pieces(xv):
+            chan = expand(np.arange(num_channels))
+            rows_per_chunk, cols_per_block = plans.row_tiles(piece.shape[1], chan)
+            chunk_counts = plans.chunk_counts(piece.shape[0], rows_per_chunk)
+            pm = np.empty((chunk_counts.size, num_channels))
+            p2 = np.empty_like(pm)
+            rows_moments(piece, chan, pivot, expand(pivot), rows_per_chunk, cols_per_block, pm, p2)
+            all_means.append(pm)
+            all_m2.append(p2)
+            all_counts.append(chunk_counts * (piece.shape[1] // num_channels))
+        counts = np.concatenate(all_counts)
+        part_mean = np.concatenate(all_means) if len(all_means) > 1 else all_means[0]
+        part_m2 = np.concatenate(all_m2) if len(all_m2) > 1 else all_m2[0]
+    result = Moments(np.empty(num_channels), np.empty(num_channels), np.empty(num_channels))
+    merge_partials(counts, part_mean, part_m2, *result)
+    return result
+
+
+def merge_moments(a, b):
+    """The :class:`Moments` of the union of ``a``'s and ``b``'s data."""
+    a = Moments(*(np.ascontiguousarray(v, dtype=np.float64) for v in a))
+    b = Moments(*(np.ascontiguousarray(v, dtype=np.float64) for v in b))
+    result = Moments(*(np.empty_like(v) for v in a))
+    channels.merge_moments(*a, *b, *result)
+    return result
+
+
+def moments_var(m):
+    """Population variance ``M2 / count`` (NaN where count is 0)."""
+    with np.errstate(all="ignore"):
+        return np.asarray(m.m2, dtype=np.float64) / m.count
+
+
+def mean_var(m, dtype):
+    """``(mean, population var)`` of :class:`Moments` ``m`` in the statistics dtype of
+    inputs of ``dtype`` (float64 for every CPU dtype)."""
+    return m.mean, moments_var(m)
+
+
+def moments_invstd(m, eps):
+    """``1 / sqrt(var + eps)`` of :class:`Moments` ``m``."""
+    with np.errstate(all="ignore"):
+        return 1.0 / np.sqrt(moments_var(m) + eps)
+
+
+def merge_sums(a, b):
+    """The :class:`BackwardSums` of the union of ``a``'s and ``b``'s data."""
+    return BackwardSums(*(np.add(u, v, dtype=np.float64) for u, v in zip(a, b)))
+
+
+# --------------------------------------------------------------------------- forward
+
+def _placeholder(v, like):
+    return like if v is None else v
+
+
+def forward_coefficients(count, mean, second, from_moments, weight, bias, eps,
+                         running_mean, running_var, momentum, update_running, dtype):
+    """Per-channel :class:`ForwardCoefficients` for inputs of ``dtype``, and the
+    running-statistics update (in place, when ``update_running``).
+
+    ``second`` is M2 when ``from_moments`` (with ``count``), else the variance.
+    """
+    policy = dtypes.policy(dtype)
+    num_channels = mean.shape[0]
+    vectors = np.empty((3, num_channels), policy.compute)
+    center, scale, shift = vectors
+    save_mean = mean if mean.dtype == policy.statistics else np.empty(num_channels, policy.statistics)
+    save_invstd = np.empty(num_channels, policy.statistics)
+    channels.forward_coefficients(
+        _placeholder(count, mean), mean, second, from_moments,
+        _placeholder(weight, scale), _placeholder(bias, scale), weight is not None, bias is not None,
+        eps, dtypes.largest(policy.compute), momentum,
+        _placeholder(running_mean, scale), _placeholder(running_var, scale), update_running,
+        save_mean, save_invstd, center, scale, shift)
+    return ForwardCoefficients(center, scale, shift, save_mean, save_invstd)
+
+
+def apply(x, coefficients, geom, out):
+    """``y = (x - center) * scale + shift`` per channel; ``out`` when given."""
+    target = views.output_target(out, (x,), geom)
+    _apply_kernel(views.kernel_view(x, geom), views.kernel_view(target, geom), geom,
+                  coefficients.center, coefficients.scale, coefficients.shift)
+    return views.finish_output(target, out)
+
+
+def _apply_kernel(xv, yv, geom, center, scale, shift):
+    if geom.family == PLANES:
+        planes_apply(xv, center, scale, shift, plans.PLANE_BLOCK, yv)
+        return
+    for (xp, yp), expand in plans.row_pieces(xv, yv):
+        rows_apply(xp, expand(center), expand(scale), expand(shift), plans.rows_per_chunk(xp.shape[1]), yp)
+
+
+# --------------------------------------------------------------------------- backward
+
+def backward_sums(dy, x, mean, geom):
+    """Per-channel :class:`BackwardSums`: count, sum(dy) and sum(dy * (x - mean)), float64."""
+    xv = views.kernel_view(x, geom)
+    dyv = views.kernel_view(dy, geom)
+    mean = np.asarray(mean, dtype=np.float64)
+    num_channels = geom.kept
+    count = np.full(num_channels, float(geom.count))
+    if not plans.reduces_as_rows(xv, geom.family):
+        shape, _ = plans.plane_partials(xv)
+        part_dy, part_dy_xmu = np.empty(shape), np.empty(shape)
+        planes_backward_sums(dyv, xv, mean, plans.PLANE_BLOCK, part_dy, part_dy_xmu)
+        return BackwardSums(count, part_dy.sum(axis=0), part_dy_xmu.sum(axis=0))
+    sum_dy, sum_dy_xmu = np.zeros(num_channels), np.zeros(num_channels)
+    for (gp, xp), expand in plans.row_pieces(dyv, xv):
+        chan = expand(np.arange(num_channels))
+        rows_per_chunk, cols_per_block = plans.row_tiles(xp.shape[1], chan)
+        num_chunks = -(-xp.shape[0] // rows_per_chunk)
+        part_dy = np.empty((num_chunks, num_channels))
+        part_dy_xmu = np.empty_like(part_dy)
+        rows_backward_sums(gp, xp, chan, expand(mean), rows_per_chunk, cols_per_block, part_dy, part_dy_xmu)
+        sum_dy += part_dy.sum(axis=0)
+        sum_dy_xmu += part_dy_xmu.sum(axis=0)
+    return BackwardSums(count, sum_dy, sum_dy_xmu)
+
+
+def backward_coefficients(sums, mean, invstd, weight, training, dtype):
+    """Per-channel :class:`BackwardCoefficients` of the dx pass for inputs of ``dtype``."""
+    policy = dtypes.policy(dtype)
+    vectors = np.empty((4, invstd.shape[0]), policy.compute)
+    center, dy_scale, x_scale, shift = vectors
+    channels.backward_coefficients(sums.count, sums.sum_dy, sums.sum_dy_xmu, mean, invstd,
+                                   _placeholder(weight, dy_scale), weight is not None, training,
+                                   dtypes.largest(policy.compute), center, dy_scale, x_scale, shift)
+    return BackwardCoefficients(center, dy_scale, x_scale, shift)
+
+
+def parameter_gradients(sums, invstd, dtype):
+    """``(dweight, dbias)`` of this data's sums, (C,) in the parameter dtype of ``dtype``."""
+    grads = np.empty((2, invstd.shape[0]), dtypes.policy(dtype).parameters)
+    channels.weight_bias_gradients(sums.sum_dy, sums.sum_dy_xmu, invstd, grads[0], grads[1])
+    return grads[0], grads[1]
+
+
+def backward_apply(dy, x, coefficients, geom, out):
+    """``dx = dy * dy_scale + (x - center) * x_scale + shift`` per channel; ``out`` when given."""
+    target = views.output_target(out, (dy, x), geom)
+    dyv, xv, dxv = (views.kernel_view(a, geom) for a in (dy, x, target))
+    c = coefficients
+    if geom.family == PLANES:
+        planes_backward_apply(dyv, xv, c.center, c.dy_scale, c.x_scale, c.shift, plans.PLANE_BLOCK, dxv)
+    else:
+        for (gp, xp, dp), expand in plans.row_pieces(dyv, xv, dxv):
+            rows_backward_apply(gp, xp, expand(c.center), expand(c.dy_scale), expand(c.x_scale),
+                                expand(c.shift), plans.rows_per_chunk(xp.shape[1]), dp)
+    return views.finish_output(target, out)
+
+
+def backward_scale(dy, coefficients, geom, out):
+    """``dx = dy * dy_scale`` (eval mode, where the other coefficients are 0): one read
+    pass fewer than :func:`backward_apply`."""
+    target = views.output_target(out, (dy,), geom)
+    c = coefficients
+    _apply_kernel(views.kernel_view(dy, geom), views.kernel_view(target, geom), geom,
+                  c.center, c.dy_scale, c.shift)
+    return views.finish_output(target, out)

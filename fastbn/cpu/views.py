@@ -1,0 +1,71 @@
+"""NumPy arrays as the kernels see them, from a :class:`fastbn.geometry.Geometry`.
+
+Planes kernels take the C-contiguous 3-D view ``(outer, kept, inner)``, row kernels the
+2-D ``(outer, kept)`` one.  Outputs are allocated in the memory order the kernels run in
+and handed back with the input's logical shape.
+"""
+
+import numpy as np
+
+from ..geometry import PLANES, is_dense_in
+
+
+def _in_kernel_order(a, geometry):
+    return np.transpose(a, geometry.axes)
+
+
+def _logical(buffer, geometry):
+    """A kernel-order buffer seen with the logical axes."""
+    return np.transpose(buffer, np.argsort(geometry.axes))
+
+
+def kernel_view(a, geometry):
+    """``a`` (logical shape) as the C-contiguous view the kernels take, copied if not dense."""
+    ordered = np.ascontiguousarray(_in_kernel_order(a, geometry))
+    if geometry.family == PLANES:
+        return ordered.reshape(geometry.view_shape)
+    return ordered.reshape(geometry.outer, geometry.kept)
+
+
+def as_dense(a, geometry):
+    """``a`` itself when its bytes are dense in the kernels' order, else such a copy
+    (logical shape), so that later views of it are free."""
+    if is_dense(a, geometry):
+        return a
+    return _logical(np.ascontiguousarray(_in_kernel_order(a, geometry)), geometry)
+
+
+def is_dense(a, geometry):
+    """True when ``a``'s bytes are dense in the kernels' order."""
+    return is_dense_in(a.shape, a.strides, a.itemsize, geometry.axes)
+
+
+def new_output(geometry, dtype):
+    """An uninitialized array of the logical shape whose bytes are in the kernels' order."""
+    return _logical(np.empty(tuple(geometry.shape[a] for a in geometry.axes), dtype=dtype), geometry)
+
+
+def _same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides)
+
+
+def output_target(out, inputs, geometry):
+    """Where a kernel writes: ``out`` itself when it is dense in the kernels' order and
+    cannot be clobbered mid-kernel, else a fresh buffer (copied into ``out`` afterwards).
+
+    Elementwise kernels read and write the same index, so ``out`` may *be* an input;
+    a partial or shifted overlap would read already-written values, so it gets a buffer.
+    """
+    if out is not None and is_dense(out, geometry) and all(
+            _same_view(out, a) or not np.may_share_memory(out, a) for a in inputs):
+        return out
+    return new_output(geometry, inputs[0].dtype)
+
+
+def finish_output(target, out):
+    """The result: ``target``, or ``out`` filled from it when they differ."""
+    if out is not None and target is not out:
+        out[...] = target
+        return out
+    return target

@@ -1,0 +1,69 @@
+"""The dtype policy: for each storage dtype, what every stage computes and returns in.
+
+One table for every backend (the one place these choices are made):
+
+==========  ==========  ==========  ============  ==========  ===========
+storage     accumulate  statistics  parameters    compute     backends
+(x, y, dx)  (sums)      (saved,     (weight,      (elementwise
+                        batch_stats) bias, running, arithmetic,
+                                    dweight)      coefficients)
+==========  ==========  ==========  ============  ==========  ===========
+float16     float32     float32     float32       float32     cuda
+bfloat16    float32     float32     float32       float32     (none yet)
+float32     float64     float64     float32       float32     cpu, cuda
+float64     float64     float64     float64       float64     cpu, cuda
+==========  ==========  ==========  ============  ==========  ===========
+
+- float32 accumulates in float64 and returns float64 statistics, so offset data
+  (x = 1e4 + randn) keeps its variance and the backward pass sees the mean unrounded.
+- 16-bit storage accumulates in float32 (exact enough for 8- to 11-bit mantissas) and
+  keeps parameters and statistics in float32, as PyTorch's mixed-precision batch norm.
+  bfloat16 is named by ``ml_dtypes.bfloat16`` arrays on the host; no backend stores it yet.
+- :class:`fastbn.Moments` is float64 for every storage dtype: the merge runs in float64.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+FLOAT16, FLOAT32, FLOAT64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+
+
+class DtypePolicy(NamedTuple):
+    """What a storage dtype computes in (see the module's table)."""
+
+    storage: str
+    accumulate: np.dtype
+    statistics: np.dtype
+    parameters: np.dtype
+    compute: np.dtype
+    backends: tuple
+
+
+#: The policy of every storage dtype fastbn knows, by dtype name.
+POLICIES = {
+    "float16": DtypePolicy("float16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cuda",)),
+    "bfloat16": DtypePolicy("bfloat16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ()),
+    "float32": DtypePolicy("float32", FLOAT64, FLOAT64, FLOAT32, FLOAT32, ("cpu", "cuda")),
+    "float64": DtypePolicy("float64", FLOAT64, FLOAT64, FLOAT64, FLOAT64, ("cpu", "cuda")),
+}
+
+
+def policy(dtype):
+    """The :class:`DtypePolicy` of storage ``dtype`` (KeyError for dtypes without one)."""
+    return POLICIES[np.dtype(dtype).name]
+
+
+def storage_dtypes(backend):
+    """The storage dtypes ``backend`` ("cpu" or "cuda") accepts, as NumPy dtypes."""
+    return tuple(np.dtype(name) for name, p in POLICIES.items() if backend in p.backends)
+
+
+def statistics_dtypes(backend):
+    """The dtypes of statistics (``save_mean``, ``save_invstd``) ``backend`` accepts back."""
+    return tuple(dict.fromkeys(policy(d).statistics for d in storage_dtypes(backend)))
+
+
+def largest(dtype):
+    """The largest finite value of float ``dtype``: where coefficients saturate."""
+    return float(np.finfo(dtype).max)
