@@ -10,6 +10,7 @@ inputs (to validate the CUDA float16 path) and parameters of any float dtype.
 import numpy as np
 
 from . import _checks
+from .stats import Moments
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -39,6 +40,18 @@ def _store(out, value, dtype):
         return value.astype(dtype)
     out[...] = value
     return out
+
+
+def moments(x, *, layout="NCHW"):
+    """Per-channel :class:`fastbn.Moments` ``(count, mean, M2)`` of ``x``, two-pass, float64 (C,)."""
+    _checks.check_layout(layout)
+    _checks.check_input(x, "x", FLOAT_DTYPES)
+    x64 = np.asarray(x, dtype=np.float64)
+    axes = _reduce_axes(x64.ndim, layout)
+    mean = x64.mean(axis=axes)
+    centered = x64 - _per_channel(mean, x64.ndim, layout)
+    count = np.full(mean.shape, float(_checks.values_per_channel(x.shape, layout)))
+    return Moments(count, mean, (centered * centered).sum(axis=axes))
 
 
 def batch_stats(x, *, layout="NCHW"):

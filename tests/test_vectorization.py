@@ -18,7 +18,7 @@ import pytest
 
 PROBE = r"""
 import json, re, numba, numpy as np, fastbn
-from fastbn.cpu import nchw, nhwc
+from fastbn.cpu import planes, rows
 for shape, layout in (((2, 8, 16, 16), "NCHW"), ((2, 8, 4, 4), "NCHW"), ((4, 6, 6, 8), "NHWC")):
     x = np.ones(shape, np.float32)
     for training in (True, False):
@@ -28,7 +28,7 @@ for shape, layout in (((2, 8, 16, 16), "NCHW"), ((2, 8, 4, 4), "NCHW"), ((4, 6, 
         fastbn.batch_norm_backward(x, x, mean, invstd, training=training, layout=layout)
 packed = re.compile(r"\bv(?:add|sub|mul|fmadd\d*|fnmadd\d*|fmsub\d*)p[sd]\s[^\n]*%[yz]mm")
 counts = {}
-for module in (nchw, nhwc):
+for module in (planes, rows):
     for name, kernel in vars(module).items():
         defined_here = getattr(getattr(kernel, "py_func", None), "__module__", None) == module.__name__
         if defined_here and hasattr(kernel, "inspect_asm") and kernel.signatures:
