@@ -75,10 +75,10 @@ def merge_moments(a, b):
     return result
 
 
+@np.errstate(all="ignore")
 def moments_var(m):
     """Population variance ``M2 / count`` (NaN where count is 0)."""
-    with np.errstate(all="ignore"):
-        return np.asarray(m.m2, dtype=np.float64) / m.count
+    return np.asarray(m.m2, dtype=np.float64) / m.count
 
 
 def mean_var(m, dtype):
@@ -87,12 +87,13 @@ def mean_var(m, dtype):
     return m.mean, moments_var(m)
 
 
+@np.errstate(all="ignore")
 def moments_invstd(m, eps):
     """``1 / sqrt(var + eps)`` of :class:`Moments` ``m``."""
-    with np.errstate(all="ignore"):
-        return 1.0 / np.sqrt(moments_var(m) + eps)
+    return 1.0 / np.sqrt(moments_var(m) + eps)
 
 
+@np.errstate(all="ignore")
 def merge_sums(a, b):
     """The :class:`BackwardSums` of the union of ``a``'s and ``b``'s data."""
     return BackwardSums(*(np.add(u, v, dtype=np.float64) for u, v in zip(a, b)))
@@ -144,6 +145,7 @@ def _apply_kernel(xv, yv, geom, center, scale, shift):
 
 # --------------------------------------------------------------------------- backward
 
+@np.errstate(all="ignore")  # Inf/NaN data propagate as IEEE values, without warnings
 def backward_sums(dy, x, mean, geom):
     """Per-channel :class:`BackwardSums`: count, sum(dy) and sum(dy * (x - mean)), float64."""
     xv = views.kernel_view(x, geom)
