@@ -12,6 +12,7 @@ it: measured worst differences are 2.5e-5 (gradients) relative to max(1, |value|
 
 import contextlib
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -282,3 +283,38 @@ def test_state_dict_round_trip():
     x = torch.randn(5, 4, 3, 3)
     module.eval()
     np.testing.assert_array_equal(layer.eval()(x.numpy()), module(x).detach().numpy())
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def test_public_names_are_all():
+    public = sorted(name for name in dir(fastbn_torch) if not name.startswith("_"))
+    assert public == sorted(fastbn_torch.__all__)
+
+
+def test_classes_pickle_under_public_module():
+    """Whole-model pickles (torch.save) name fastbn.torch, not its private module."""
+    model = fastbn_torch.convert(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+    data = pickle.dumps(model)
+    assert b"_batchnorm" not in data
+    restored = pickle.loads(data)
+    assert type(restored[1]) is fastbn_torch.BatchNorm2d
+    assert_same_state(restored, model, 0.0)
+
+
+def test_running_stats_passed_as_keywords(monkeypatch):
+    """Works with batch_norm_forward(x, weight, bias, *, running_mean, running_var, ...)."""
+    from fastbn.torch import _batchnorm
+
+    positional = _batchnorm.batch_norm_forward
+
+    def keyword_only(x, weight=None, bias=None, *, running_mean=None, running_var=None, **options):
+        return positional(x, weight, bias, running_mean=running_mean, running_var=running_var, **options)
+
+    monkeypatch.setattr(_batchnorm, "batch_norm_forward", keyword_only)
+    module = fastbn_torch.BatchNorm2d(3, dtype=torch.float64)
+    expected = nn.BatchNorm2d(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64) * 2 + 5
+    assert_close(module(x), expected(x), TOL[torch.float64], "y")
+    assert_same_state(module, expected, TOL[torch.float64])

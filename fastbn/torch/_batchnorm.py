@@ -1,30 +1,10 @@
-"""PyTorch modules whose batch norm runs on fastbn kernels (optional: needs ``torch``).
-
-- :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of the
-  ``torch.nn`` classes with the same constructor, attributes and ``state_dict``; only the
-  forward and backward computations are replaced;
-- :func:`convert`: swaps every ``torch.nn.BatchNorm1d/2d/3d`` in a model for these.
-
-Data path.  CPU tensors are handed to fastbn as NumPy views (``tensor.detach().numpy()``,
-no copy; running statistics are updated in place through them) and results come back
-through ``torch.from_numpy`` (no copy).  A ``channels_last`` (or ``channels_last_3d``)
-tensor is, seen as NCHW, a channel-last array: fastbn runs its NHWC kernels on it
-without a copy and returns ``y`` and ``dx`` in the same memory format.  CUDA tensors go
-to fastbn's CUDA backend as numba device-array views (``__cuda_array_interface__``, no
-copy); results come back as torch tensors on the same device (``torch.as_tensor``).
-Other devices raise TypeError.  Supported dtypes are fastbn's: float32 and float64 on
-the CPU (others raise TypeError).
-
-This is the only fastbn module that imports torch; ``import fastbn`` never does.
-"""
+"""The torch.nn batch-norm modules on fastbn kernels and :func:`convert`; see :mod:`fastbn.torch`."""
 
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._api import batch_norm_backward, batch_norm_forward
-
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+from .._api import batch_norm_backward, batch_norm_forward
 
 
 def _as_fastbn_array(tensor):
@@ -63,7 +43,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
         y, save_mean, save_invstd = batch_norm_forward(
             _as_fastbn_array(x), _as_fastbn_array(weight), _as_fastbn_array(bias),
-            _as_fastbn_array(running_mean), _as_fastbn_array(running_var),
+            running_mean=_as_fastbn_array(running_mean), running_var=_as_fastbn_array(running_var),
             training=training, momentum=momentum, eps=eps, layout="NCHW")
         # save_for_backward (not attributes) so autograd raises if x or weight are
         # modified in place between forward and backward.
@@ -93,7 +73,7 @@ class _FastBatchNormMixin:
     incremented after the kernels succeed, so a call that raises changes no state.
     """
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Batch-normalize ``input`` ((N, C, ...) float32/float64 tensor, CPU or CUDA).
 
         Returns a tensor shaped like ``input`` in its dtype and memory format.
@@ -137,7 +117,7 @@ _FASTBN_CLASS = {
 }
 
 
-def convert(module):
+def convert(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by its fastbn class.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new modules share the

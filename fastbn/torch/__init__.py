@@ -1,0 +1,28 @@
+"""PyTorch modules whose batch norm runs on fastbn kernels (optional: needs ``torch``).
+
+- :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of the
+  ``torch.nn`` classes with the same constructor, attributes and ``state_dict``; only the
+  forward and backward computations are replaced;
+- :func:`convert`: swaps every ``torch.nn.BatchNorm1d/2d/3d`` in a model for these.
+
+Data path.  CPU tensors are handed to fastbn as NumPy views (``tensor.detach().numpy()``,
+no copy; running statistics are updated in place through them) and results come back
+through ``torch.from_numpy`` (no copy).  A ``channels_last`` (or ``channels_last_3d``)
+tensor is, seen as NCHW, a channel-last array: fastbn runs its NHWC kernels on it
+without a copy and returns ``y`` and ``dx`` in the same memory format.  CUDA tensors go
+to fastbn's CUDA backend as numba device-array views (``__cuda_array_interface__``, no
+copy); results come back as torch tensors on the same device (``torch.as_tensor``).
+Other devices raise TypeError.  Supported dtypes are fastbn's: float32 and float64 on
+the CPU (others raise TypeError).
+
+This is the only part of fastbn that imports torch; ``import fastbn`` never does.
+"""
+
+from ._batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+
+# Public path in reprs and pickles (torch.save of a whole model), not the private module.
+for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, convert):
+    _public.__module__ = __name__
+del _public
