@@ -19,7 +19,7 @@ from .layers import BatchNorm
 from .stages import moments
 from .stats import BackwardSums, Moments, stream_moments
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["BatchNorm", "BackwardSums", "Moments", "batch_norm", "batch_norm_forward", "batch_norm_backward",
            "batch_stats", "moments", "reference", "stages", "stream_moments"]
