@@ -32,9 +32,10 @@ def assert_forward_matches(x, weight, bias, rm, rv, training, layout, **kwargs):
     rm_ref = None if rm is None else rm.astype(np.float64)
     rv_ref = None if rv is None else rv.astype(np.float64)
     y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(
-        x.astype(np.float64), weight, bias, rm_ref, rv_ref, training=training, layout=layout)
-    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, rm, rv, training=training,
-                                                layout=layout, **kwargs)
+        x.astype(np.float64), weight, bias, running_mean=rm_ref, running_var=rv_ref,
+        training=training, layout=layout)
+    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                                training=training, layout=layout, **kwargs)
     n = x.size // x.shape[channel_axis(x.ndim, layout)]
     assert y.dtype == x.dtype and y.shape == x.shape
     assert mean.dtype == invstd.dtype == np.float64
@@ -107,7 +108,8 @@ def test_batch_stats_match_reference(rng, layout, dtype):
 def test_batch_norm_follows_torch_argument_order(rng):
     x, _, weight, bias, rm, rv = make_case(rng, (4, 3, 5), "NCHW", np.float64, True, True)
     y = fastbn.batch_norm(x, rm, rv, weight, bias)  # training=False by default, as F.batch_norm
-    y_ref, _, _ = reference.batch_norm_forward(x, weight, bias, rm, rv, training=False)
+    y_ref, _, _ = reference.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                               training=False)
     np.testing.assert_allclose(y, y_ref, rtol=0, atol=elementwise_atol(np.float64, 10))
     y_train = fastbn.batch_norm(x, rm, rv, weight, bias, True, 0.3, 1e-3)
     y_train_ref, _, _ = reference.batch_norm_forward(x, weight, bias, training=True, eps=1e-3)

@@ -259,7 +259,8 @@ def test_failed_call_leaves_running_stats_and_out_untouched(bad):
     before = {k: v.copy() for k, v in args.items()}
     x_before = x.copy()
     with pytest.raises((ValueError, TypeError)):
-        F(x, weight, bias, args["running_mean"], args["running_var"], out=args["out"], **kwargs)
+        F(x, weight, bias, running_mean=args["running_mean"], running_var=args["running_var"],
+          out=args["out"], **kwargs)
     for k, v in args.items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
     np.testing.assert_array_equal(x, x_before)
@@ -275,7 +276,7 @@ def test_inputs_are_never_written(layout, training):
     if not training:  # eval only reads the running stats: read-only is fine
         rm, rv = _ro(rm), _ro(rv)
     snapshot = [a.copy() for a in (x, w, b)]
-    y, mean, invstd = F(x, w, b, rm, rv, training=training, layout=layout)
+    y, mean, invstd = F(x, w, b, running_mean=rm, running_var=rv, training=training, layout=layout)
     dy = _ro(_x(x.shape, np.float32, seed=4))
     mean, invstd = _ro(mean), _ro(invstd)
     dx, dw, db = B(dy, x, mean, invstd, w, training=training, layout=layout)
@@ -384,7 +385,7 @@ def test_nonfinite_poisons_only_its_channel(layout, dtype, value, first):
     else:
         _put(x, layout, bad, value)
     rm, rv = np.zeros(4, dtype), np.ones(4, dtype)
-    y, mean, invstd = F(x, None, None, rm, rv, layout=layout)
+    y, mean, invstd = F(x, running_mean=rm, running_var=rv, layout=layout)
     yr, mr, sr = _ref_forward(x, layout=layout)
     assert np.isnan(_channel(y, layout, bad)).all()
     assert np.isnan(invstd[bad]) and not np.isfinite(mean[bad])
@@ -417,7 +418,7 @@ def test_nonfinite_in_eval_stays_elementwise(layout, dtype):
     _put(x, layout, 1, np.inf)
     _put(x, layout, 2, np.nan)
     rm, rv = np.zeros(4, dtype), np.ones(4, dtype)
-    y = F(x, None, None, rm, rv, training=False, layout=layout)[0]
+    y = F(x, running_mean=rm, running_var=rv, training=False, layout=layout)[0]
     assert np.isposinf(y).sum() == 1 and np.isnan(y).sum() == 1
 
 
@@ -488,10 +489,10 @@ def test_edge_shapes(shape, layout):
     w = np.linspace(0.5, 1.5, c).astype(np.float32)
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     rm_r, rv_r = rm.astype(np.float64), rv.astype(np.float64)
-    y, mean, invstd = F(x, w, None, rm, rv, layout=layout)
+    y, mean, invstd = F(x, w, None, running_mean=rm, running_var=rv, layout=layout)
     with np.errstate(all="ignore"):
-        yr, mr, sr = reference.batch_norm_forward(x.astype(np.float64), w.astype(np.float64), None, rm_r, rv_r,
-                                                  layout=layout)
+        yr, mr, sr = reference.batch_norm_forward(x.astype(np.float64), w.astype(np.float64), None,
+                                                  running_mean=rm_r, running_var=rv_r, layout=layout)
     np.testing.assert_allclose(y, yr, rtol=0, atol=_atol(np.float32, np.abs(yr).max()))
     np.testing.assert_allclose(mean, mr, rtol=1e-10, atol=1e-12)
     # Two values per channel: var can be ~0 relative to the values; compare invstd loosely
