@@ -114,9 +114,11 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     Argument order: ``x, weight, bias`` are positional, in the order of ATen's
     ``native_batch_norm``; ``running_mean``, ``running_var`` and everything after them
     are keyword-only.  This is not the order of ``torch.nn.functional.batch_norm``
-    (``x, running_mean, running_var, weight, bias``; see :func:`batch_norm`): a call
-    written in that order passes five positional arrays and raises TypeError instead of
-    silently treating the running statistics as weight and bias.
+    (``x, running_mean, running_var, weight, bias``; see :func:`batch_norm`): a call in
+    that order that passes weight or bias has four or five positional arguments and
+    raises TypeError instead of treating the running statistics as weight and bias
+    (``batch_norm_forward(x, running_mean, running_var)`` alone cannot be told apart
+    from ``x, weight, bias``).
 
     Parameters
     ----------

@@ -57,7 +57,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
     Same argument order as :func:`fastbn.batch_norm_forward`: ``x, weight, bias``
     positional (ATen ``native_batch_norm``'s order), running statistics and everything
-    after them keyword-only, so ``torch.nn.functional.batch_norm``'s order raises TypeError.
+    after them keyword-only, so ``torch.nn.functional.batch_norm``'s order with weight or
+    bias raises TypeError.
 
     Returns ``(y, save_mean, save_invstd)``: ``y`` like ``x``; the statistics float64 (C,).
     Running statistics, when given and ``training``, are updated in place.
