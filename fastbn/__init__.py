@@ -2,8 +2,11 @@
 
 Public functions:
 
-- :func:`batch_norm` — ``torch.nn.functional.batch_norm``'s argument order, returns ``y``;
-- :func:`batch_norm_forward` — returns ``(y, save_mean, save_invstd)``;
+- :func:`batch_norm` — ``torch.nn.functional.batch_norm``'s argument order
+  (``x, running_mean, running_var, weight, bias, ...``), returns ``y``;
+- :func:`batch_norm_forward` — ``x, weight, bias`` positional (ATen
+  ``native_batch_norm``'s order), running statistics keyword-only; returns
+  ``(y, save_mean, save_invstd)``;
 - :func:`batch_norm_backward` — returns ``(dx, dweight, dbias)``;
 - :func:`batch_stats` — per-channel ``(mean, var)`` in one pass;
 - :func:`moments`, :class:`Moments`, :func:`stream_moments` — mergeable per-channel

@@ -66,8 +66,9 @@ def timing_rows(shape, dtype, repeat):
         _, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, layout=layout)
         passes = {
             "forward (train)": (3, lambda: fastbn.batch_norm_forward(
-                x, weight, bias, rm, rv, layout=layout, out=y_buf),
-                lambda: reference.batch_norm_forward(x, weight, bias, rm, rv, layout=layout)),
+                x, weight, bias, running_mean=rm, running_var=rv, layout=layout, out=y_buf),
+                lambda: reference.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                                     layout=layout)),
             "backward": (5, lambda: fastbn.batch_norm_backward(
                 dy, x, mean, invstd, weight, layout=layout, out=dx_buf),
                 lambda: reference.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout)),

@@ -66,6 +66,15 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
                        training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
     """Batch-norm forward pass: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
 
+    Argument order: ``x, weight, bias`` are positional, in the order of ATen's
+    ``native_batch_norm``; ``running_mean``, ``running_var`` and everything after them
+    are keyword-only.  This is not the order of ``torch.nn.functional.batch_norm``
+    (``x, running_mean, running_var, weight, bias``; see :func:`batch_norm`): a call in
+    that order that passes weight or bias has four or five positional arguments and
+    raises TypeError instead of treating the running statistics as weight and bias
+    (``batch_norm_forward(x, running_mean, running_var)`` alone cannot be told apart
+    from ``x, weight, bias``).
+
     Parameters
     ----------
     x : float32 or float64 array of rank 2-5 in ``layout`` (see :func:`batch_stats`).
@@ -166,10 +175,14 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, layout="NCHW"):
-    """Batch normalization with PyTorch's ``F.batch_norm`` argument order; returns ``y``.
+    """Batch normalization in ``torch.nn.functional.batch_norm``'s argument order; returns ``y``.
 
-    Same arguments and semantics as :func:`batch_norm_forward` (note the different
-    positional order and the default ``training=False``, as in PyTorch).
+    Argument order: ``x, running_mean, running_var, weight, bias, training, momentum,
+    eps``, all positional or keyword, exactly as ``torch.nn.functional.batch_norm``;
+    ``layout`` is keyword-only.  The default is ``training=False``, as in PyTorch.
+    :func:`batch_norm_forward` takes the same arguments with the semantics described
+    there, but in a different order (``x, weight, bias`` positional, running statistics
+    keyword-only) and returns the saved statistics too.
     """
     y, _, _ = batch_norm_forward(x, weight, bias, running_mean=running_mean, running_var=running_var,
                                  training=training, momentum=momentum, eps=eps, layout=layout)

@@ -130,9 +130,11 @@ class Fastbn(Implementation):
         if op == "stats":
             return lambda: fastbn.batch_stats(x, layout=layout)
         if op == "forward_train":
-            return lambda: fastbn.batch_norm_forward(x, w, b, rm, rv, training=True, layout=layout, out=out)
+            return lambda: fastbn.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv,
+                                                    training=True, layout=layout, out=out)
         if op == "forward_eval":
-            return lambda: fastbn.batch_norm_forward(x, w, b, rm, rv, training=False, layout=layout, out=out)
+            return lambda: fastbn.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv,
+                                                    training=False, layout=layout, out=out)
         _, mean, invstd = fastbn.batch_norm_forward(x, w, b, layout=layout)
         return lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, w, layout=layout, out=out)
 
@@ -145,9 +147,11 @@ class Reference(Implementation):
         if op == "stats":
             return lambda: reference.batch_stats(x, layout=layout)
         if op == "forward_train":
-            return lambda: reference.batch_norm_forward(x, w, b, rm, rv, training=True, layout=layout)
+            return lambda: reference.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv,
+                                                       training=True, layout=layout)
         if op == "forward_eval":
-            return lambda: reference.batch_norm_forward(x, w, b, rm, rv, training=False, layout=layout)
+            return lambda: reference.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv,
+                                                       training=False, layout=layout)
         _, mean, invstd = reference.batch_norm_forward(x, w, b, layout=layout)
         return lambda: reference.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
 

@@ -170,8 +170,8 @@ class BatchNorm:
         pass_running = not self.training or self.track_running_stats
         y, save_mean, save_invstd = batch_norm_forward(
             x, self.weight, self.bias,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
+            running_mean=self.running_mean if pass_running else None,
+            running_var=self.running_var if pass_running else None,
             training=use_batch_stats, momentum=momentum, eps=self.eps, layout=self.layout)
         if update_running:
             self.num_batches_tracked += 1

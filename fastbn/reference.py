@@ -64,9 +64,14 @@ def batch_stats(x, *, layout="NCHW"):
     return _stats64(np.asarray(x, dtype=np.float64), layout)
 
 
-def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
     """Reference batch-norm forward; see :func:`fastbn.batch_norm_forward`.
+
+    Same argument order as :func:`fastbn.batch_norm_forward`: ``x, weight, bias``
+    positional (ATen ``native_batch_norm``'s order), running statistics and everything
+    after them keyword-only, so ``torch.nn.functional.batch_norm``'s order with weight or
+    bias raises TypeError.
 
     Returns ``(y, save_mean, save_invstd)``: ``y`` like ``x``; the statistics float64 (C,).
     Running statistics, when given and ``training``, are updated in place.

@@ -72,7 +72,8 @@ def test_constant_channels_give_zero_variance_and_bias(rng, layout, dtype):
     bias = np.array([1.0, -2.0, 0.5, 3.0], dtype=dtype)
     weight = np.full(4, 2.0, dtype=dtype)
     rm, rv = np.zeros(4, dtype), np.ones(4, dtype)
-    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, rm, rv, layout=layout)
+    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                                layout=layout)
     _, var = fastbn.batch_stats(x, layout=layout)
     np.testing.assert_array_equal(var, 0.0)
     np.testing.assert_array_equal(mean, values.astype(np.float64))

@@ -32,9 +32,10 @@ def assert_forward_matches(x, weight, bias, rm, rv, training, layout, **kwargs):
     rm_ref = None if rm is None else rm.astype(np.float64)
     rv_ref = None if rv is None else rv.astype(np.float64)
     y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(
-        x.astype(np.float64), weight, bias, rm_ref, rv_ref, training=training, layout=layout)
-    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, rm, rv, training=training,
-                                                layout=layout, **kwargs)
+        x.astype(np.float64), weight, bias, running_mean=rm_ref, running_var=rv_ref,
+        training=training, layout=layout)
+    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                                training=training, layout=layout, **kwargs)
     n = x.size // x.shape[channel_axis(x.ndim, layout)]
     assert y.dtype == x.dtype and y.shape == x.shape
     assert mean.dtype == invstd.dtype == np.float64
@@ -107,11 +108,43 @@ def test_batch_stats_match_reference(rng, layout, dtype):
 def test_batch_norm_follows_torch_argument_order(rng):
     x, _, weight, bias, rm, rv = make_case(rng, (4, 3, 5), "NCHW", np.float64, True, True)
     y = fastbn.batch_norm(x, rm, rv, weight, bias)  # training=False by default, as F.batch_norm
-    y_ref, _, _ = reference.batch_norm_forward(x, weight, bias, rm, rv, training=False)
+    y_ref, _, _ = reference.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                               training=False)
     np.testing.assert_allclose(y, y_ref, rtol=0, atol=elementwise_atol(np.float64, 10))
     y_train = fastbn.batch_norm(x, rm, rv, weight, bias, True, 0.3, 1e-3)
     y_train_ref, _, _ = reference.batch_norm_forward(x, weight, bias, training=True, eps=1e-3)
     np.testing.assert_allclose(y_train, y_train_ref, rtol=0, atol=elementwise_atol(np.float64, 10))
+
+
+@pytest.mark.parametrize("module", [fastbn, reference], ids=["fastbn", "reference"])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_refuses_running_stats_positionally(rng, module, training):
+    """F.batch_norm's order (x, running_mean, running_var, weight, bias) given to
+    batch_norm_forward would read the running statistics as weight and bias and update
+    weight and bias in place; the running statistics are keyword-only, so it raises
+    before touching anything."""
+    x, _, weight, bias, rm, rv = make_case(rng, (4, 3, 5), "NCHW", np.float64, True, True)
+    arrays = (x, rm, rv, weight, bias)
+    before = [a.copy() for a in arrays]
+    with pytest.raises(TypeError, match="positional"):
+        module.batch_norm_forward(x, rm, rv, weight, bias, training=training)
+    for a, b in zip(arrays, before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_positional_order_matches_forward_keywords(rng, training):
+    """The same call in both documented orders: identical y and running statistics."""
+    x, _, weight, bias, rm, rv = make_case(rng, (4, 3, 5, 6), "NCHW", np.float32, True, True)
+    rm_a, rv_a, rm_b, rv_b = rm.copy(), rv.copy(), rm.copy(), rv.copy()
+    y_a = fastbn.batch_norm(x, rm_a, rv_a, weight, bias, training, 0.3, 1e-3)
+    y_b, _, _ = fastbn.batch_norm_forward(x, weight, bias, running_mean=rm_b, running_var=rv_b,
+                                          training=training, momentum=0.3, eps=1e-3)
+    np.testing.assert_array_equal(y_a, y_b)
+    np.testing.assert_array_equal(rm_a, rm_b)
+    np.testing.assert_array_equal(rv_a, rv_b)
+    if training:
+        assert not np.array_equal(rm_a, rm)  # the running statistics were really passed
 
 
 # ---------------------------------------------------------------------------- memory order

@@ -135,7 +135,7 @@ def test_forward_matches_reference(case):
     if error:
         snapshot = None if rm is None else (rm.copy(), rv.copy())
         with pytest.raises(ValueError, match=error.split(":")[0]):
-            fastbn.batch_norm_forward(x, weight, bias, rm, rv, out=out, **kwargs)
+            fastbn.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv, out=out, **kwargs)
         if snapshot is not None:
             np.testing.assert_array_equal(rm, snapshot[0])
             np.testing.assert_array_equal(rv, snapshot[1])
@@ -143,8 +143,9 @@ def test_forward_matches_reference(case):
 
     rm64, rv64 = as64(rm), as64(rv)
     y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(
-        x_before.astype(np.float64), as64(weight), as64(bias), rm64, rv64, **kwargs)
-    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, rm, rv, out=out, **kwargs)
+        x_before.astype(np.float64), as64(weight), as64(bias), running_mean=rm64, running_var=rv64,
+        **kwargs)
+    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv, out=out, **kwargs)
 
     if out is not None:
         assert y is out
@@ -181,7 +182,8 @@ def test_backward_matches_reference(case):
     x, weight, bias, rm, rv = draw_inputs(case)
     layout, dtype, training = case["layout"], case["dtype"], case["training"]
     _, mean, invstd = reference.batch_norm_forward(x.astype(np.float64), as64(weight), as64(bias),
-                                                   as64(rm), as64(rv), training=training,
+                                                   running_mean=as64(rm), running_var=as64(rv),
+                                                   training=training,
                                                    eps=case["eps"], layout=layout)
     rng = np.random.default_rng(case["seed"] + 1)
     dy = arrange(rng.standard_normal(case["shape"]).astype(dtype), case["memory"], case["flip_axis"])

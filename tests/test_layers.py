@@ -68,7 +68,8 @@ def test_training_matches_reference(rng, layout, dtype):
         y = layer(x)
         dx = layer.backward(dy)
         y_ref, mean, invstd = reference.batch_norm_forward(
-            x, layer.weight, layer.bias, ref_mean, ref_var, training=True, momentum=0.3, layout=layout)
+            x, layer.weight, layer.bias, running_mean=ref_mean, running_var=ref_var,
+            training=True, momentum=0.3, layout=layout)
         dx_ref, dw_ref, db_ref = reference.batch_norm_backward(dy, x, mean, invstd, layer.weight, layout=layout)
         assert y.dtype == dx.dtype == layer.grad_weight.dtype == layer.grad_bias.dtype == dtype
         assert_close(y, y_ref, dtype)
@@ -122,7 +123,8 @@ def test_eval_uses_running_stats_and_frozen_gradient(rng):
     y = layer(x)
     dx = layer.backward(dy)
     y_ref, mean, invstd = reference.batch_norm_forward(
-        x, layer.weight, layer.bias, state["running_mean"], state["running_var"], training=False)
+        x, layer.weight, layer.bias, running_mean=state["running_mean"],
+        running_var=state["running_var"], training=False)
     dx_ref, dw_ref, db_ref = reference.batch_norm_backward(dy, x, mean, invstd, layer.weight, training=False)
     assert_close(y, y_ref, np.float64)
     assert_close(dx, dx_ref, np.float64)

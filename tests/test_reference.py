@@ -19,7 +19,8 @@ def test_batch_stats_match_numpy(rng, layout):
 
 def _loss(x, weight, bias, probe, training, layout, running):
     rm, rv = (None, None) if running is None else (running[0].copy(), running[1].copy())
-    y, _, _ = reference.batch_norm_forward(x, weight, bias, rm, rv, training=training, layout=layout)
+    y, _, _ = reference.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                           training=training, layout=layout)
     return float(np.sum(y * probe))
 
 
@@ -41,7 +42,8 @@ def test_backward_matches_central_differences(rng, layout, training):
     running = (rng.standard_normal(channels), rng.uniform(0.5, 2.0, channels))
 
     rm, rv = running[0].copy(), running[1].copy()
-    _, mean, invstd = reference.batch_norm_forward(x, weight, bias, rm, rv, training=training, layout=layout)
+    _, mean, invstd = reference.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv,
+                                                   training=training, layout=layout)
     dx, dweight, dbias = reference.batch_norm_backward(probe, x, mean, invstd, weight,
                                                        training=training, layout=layout)
 

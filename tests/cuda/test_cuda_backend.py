@@ -151,11 +151,12 @@ def check_forward(case, layout, training, momentum=0.1, eps=1e-5, use_affine=Tru
     d_rm, d_rv = device(case["running_mean"]), device(case["running_var"])
     d_x = device(x)
     y, save_mean, save_invstd = fastbn.batch_norm_forward(
-        d_x, device(weight), device(bias), d_rm, d_rv, training=training, momentum=momentum,
-        eps=eps, layout=layout)
+        d_x, device(weight), device(bias), running_mean=d_rm, running_var=d_rv, training=training,
+        momentum=momentum, eps=eps, layout=layout)
     rm_ref, rv_ref = case["running_mean"].copy(), case["running_var"].copy()
     y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(
-        x, weight, bias, rm_ref, rv_ref, training=training, momentum=momentum, eps=eps, layout=layout)
+        x, weight, bias, running_mean=rm_ref, running_var=rv_ref, training=training,
+        momentum=momentum, eps=eps, layout=layout)
 
     stat_dtype = np.float32 if dtype == np.float16 else np.float64
     assert cuda.devicearray.is_cuda_ndarray(y) and y.shape == x.shape and y.dtype == x.dtype
@@ -348,7 +349,8 @@ def test_batch_norm_and_batch_stats_return_device_arrays(rng):
     assert mean.dtype == var.dtype == np.float32
     y_ref = reference.batch_norm(case["x"], case["running_mean"], case["running_var"], training=False) \
         if hasattr(reference, "batch_norm") else reference.batch_norm_forward(
-            case["x"], None, None, case["running_mean"], case["running_var"], training=False)[0]
+            case["x"], running_mean=case["running_mean"], running_var=case["running_var"],
+            training=False)[0]
     magnitude = np.max(np.abs(y_ref.astype(np.float64)))
     assert np.all(np.abs(host(y).astype(np.float64) - y_ref) <= elementwise_atol(np.float16, magnitude, y_ref))
 
@@ -361,7 +363,8 @@ def test_mixing_host_and_device_arrays_names_the_argument(rng):
     with pytest.raises(TypeError, match=r"^weight: expected a CUDA device array like x"):
         fastbn.batch_norm_forward(d_x, case["weight"])
     with pytest.raises(TypeError, match=r"^running_var: expected a CUDA device array like x"):
-        fastbn.batch_norm_forward(d_x, None, None, device(case["running_mean"]), case["running_var"])
+        fastbn.batch_norm_forward(d_x, running_mean=device(case["running_mean"]),
+                                  running_var=case["running_var"])
     with pytest.raises(TypeError, match=r"^save_mean: expected a CUDA device array like dy"):
         fastbn.batch_norm_backward(d_x, d_x, np.zeros(4), device(np.ones(4)))
     with pytest.raises(TypeError, match=r"^x: expected a CUDA device array like dy"):
@@ -389,7 +392,7 @@ def test_checks_run_before_any_device_work(rng):
     case = make_case(rng, (3, 4, 5, 6), "NCHW", np.float32)
     d_rm, d_rv = device(case["running_mean"]), device(case["running_var"])
     with pytest.raises(ValueError, match=r"^momentum: expected a number in \[0.0, 1.0\]"):
-        fastbn.batch_norm_forward(device(case["x"]), None, None, d_rm, d_rv, momentum=2.0)
+        fastbn.batch_norm_forward(device(case["x"]), running_mean=d_rm, running_var=d_rv, momentum=2.0)
     np.testing.assert_array_equal(host(d_rm), case["running_mean"])
     np.testing.assert_array_equal(host(d_rv), case["running_var"])
 

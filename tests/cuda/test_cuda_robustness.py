@@ -1,12 +1,12 @@
-"""Robustness of the CUDA backend (issue 6): device-array argument checks, state kept
+"""Robustness of the CUDA backend: device-array argument checks, state kept
 on errors, NaN/Inf channel isolation, constant channels with tiny eps, ``out`` aliasing.
 
 Runs where tests/cuda runs: on a GPU, or under Numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported, in a separate process).
 Shapes are tiny (the simulator runs each GPU thread as a Python thread).
 Tolerance: y is a few roundings in the input dtype of terms <= max|y| + |bias|, so
-``16 * eps * magnitude`` (float16 inputs are computed in float32 and rounded once more,
-covered by float16's own eps).
+``16 * eps * magnitude`` (:func:`conftest._atol`; float16 inputs are computed in float32
+and rounded once more, covered by float16's own eps).
 """
 
 import numba
@@ -22,15 +22,9 @@ if not (SIMULATOR or cuda.is_available()):
 import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
 
+from conftest import _atol, _x  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
-
-
-def _x(shape, dtype=np.float32, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-
-
-def _atol(dtype, magnitude):
-    return 16 * np.finfo(dtype).eps * max(float(magnitude), 1.0)
 
 
 D = cuda.to_device
@@ -65,7 +59,8 @@ def test_device_error_keeps_running_stats_and_out():
     rm, rv = D(np.arange(3, dtype=np.float32)), D(np.ones(3, np.float32))
     out = D(np.full((4, 3, 5), 7.0, np.float32))
     with pytest.raises(ValueError):
-        fastbn.batch_norm_forward(x, D(np.ones(4, np.float32)), None, rm, rv, out=out)
+        fastbn.batch_norm_forward(x, D(np.ones(4, np.float32)), None, running_mean=rm, running_var=rv,
+                                  out=out)
     np.testing.assert_array_equal(rm.copy_to_host(), np.arange(3))
     np.testing.assert_array_equal(rv.copy_to_host(), 1.0)
     np.testing.assert_array_equal(out.copy_to_host(), 7.0)

@@ -1,0 +1,169 @@
+"""Concurrent and constrained use: Python threads calling fastbn at once (the kernels
+release the GIL), Numba's non-thread-safe ``workqueue`` threading layer, a child forked
+after the parent ran kernels (GNU OpenMP would kill it at its first parallel launch),
+and no usable cache directory.  The process-level cases run in a child interpreter, so
+an abort cannot take pytest down with it.
+
+Threads must reproduce the single-threaded results bit for bit (same data, same
+kernels).  A forked child may run the serial kernels, whose summation order differs
+from the parallel ones, so it is compared with the parent at float32 rounding level
+(``atol=1e-5`` on float32 ``y``/``dx`` of magnitude below ~4, ``rtol=1e-12`` on the
+float64 mean).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import DTYPES, LAYOUTS, B, F, _x
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_python(code, env=None, timeout=240):
+    """Run ``code`` in a fresh interpreter with the repository on the path."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_python_threads_get_correct_results(layout):
+    """Several threads call fastbn at once (kernels release the GIL) with distinct inputs."""
+    shapes = [(8, 16, 12, 12), (4, 3, 33), (16, 64), (2, 8, 5, 5, 5)]
+    jobs = []
+    for i, shape in enumerate(shapes * 2):
+        dtype = DTYPES[i % 2]
+        s = shape if layout == "NCHW" or len(shape) == 2 else (shape[0], *shape[2:], shape[1])
+        x = _x(s, dtype, seed=100 + i, offset=i)
+        expected = F(x, layout=layout)
+        jobs.append((x, expected))
+    errors = []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(x, expected):
+        try:
+            barrier.wait()
+            for _ in range(5):
+                y, mean, invstd = F(x, layout=layout)
+                dx = B(y, x, mean, invstd, layout=layout)[0]
+                np.testing.assert_array_equal(y, expected[0])
+                np.testing.assert_array_equal(mean, expected[1])
+                assert dx.shape == x.shape
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+
+
+_THREADS_SCRIPT = """
+    import threading, numpy as np, numba, fastbn
+    xs = [np.random.default_rng(i).standard_normal((8, 16, 20, 20)).astype(np.float32) for i in range(4)]
+    expected = [fastbn.batch_norm_forward(x)[0] for x in xs]
+    bad = []
+    def work(i):
+        for _ in range(20):
+            if not np.array_equal(fastbn.batch_norm_forward(xs[i])[0], expected[i]):
+                bad.append(i)
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    print(numba.threading_layer(), len(bad))
+"""
+
+
+def test_threads_on_workqueue_layer_do_not_abort():
+    """Numba's workqueue layer aborts the process on concurrent launches; fastbn's
+    launch lock must serialize them (run in a child so an abort cannot kill pytest)."""
+    result = _run_python(_THREADS_SCRIPT, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["workqueue", "0"], result.stdout
+
+
+_FORK_SCRIPT = """
+    import multiprocessing as mp, numpy as np, numba, fastbn
+    from fastbn.cpu import _jit
+    def child(q):
+        x = np.random.default_rng(1).standard_normal((4, 6, 9, 9)).astype(np.float32)
+        y, m, s = fastbn.batch_norm_forward(x)
+        dx = fastbn.batch_norm_backward(y, x, m, s)[0]
+        y2 = fastbn.batch_norm_forward(np.moveaxis(x, 1, -1).copy(), layout="NHWC")[0]
+        q.put((y, m, dx, y2, _jit._serial_only))
+    if __name__ == "__main__":
+        x = np.random.default_rng(1).standard_normal((4, 6, 9, 9)).astype(np.float32)
+        y, m, s = fastbn.batch_norm_forward(x)          # the parent launches kernels first
+        dx = fastbn.batch_norm_backward(y, x, m, s)[0]
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        yc, mc, dxc, y2c, serial = q.get(timeout=200)
+        p.join(30)
+        assert p.exitcode == 0, p.exitcode
+        np.testing.assert_allclose(yc, y, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(mc, m, rtol=1e-12)
+        np.testing.assert_allclose(dxc, dx, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.moveaxis(y2c, -1, 1), y, rtol=0, atol=1e-5)
+        print(numba.threading_layer(), serial)
+"""
+
+
+def test_forked_child_can_use_fastbn():
+    """GNU OpenMP kills a forked child at its first parallel launch; fastbn must detect the
+    fork and run serial kernels there (and stay parallel on fork-safe layers)."""
+    result = _run_python(_FORK_SCRIPT.replace('if __name__ == "__main__":', "if True:"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    layer, serial = result.stdout.split()
+    assert serial == str(layer == "omp"), result.stdout
+
+
+def test_unusable_cache_dir_does_not_break_import_or_calls(tmp_path):
+    """No writable cache location at all: NUMBA_CACHE_DIR under a regular file (so it
+    cannot be created, even as root), a copy of the package whose __pycache__ dirs are
+    files, and HOME/XDG_CACHE_HOME unusable too.  Import and calls must still work."""
+    import shutil
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    pkg_root = tmp_path / "site"
+    shutil.copytree(os.path.join(REPO, "fastbn"), pkg_root / "fastbn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("fastbn", "fastbn/cpu", "fastbn/cuda"):
+        if (pkg_root / sub).is_dir():
+            (pkg_root / sub / "__pycache__").write_text("")
+    code = """
+        import numpy as np, fastbn
+        assert fastbn.__file__.startswith(%r), fastbn.__file__
+        x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+        y, m, s = fastbn.batch_norm_forward(x)
+        print(float(abs(y.mean())) < 1e-5, bool(np.isfinite(fastbn.batch_stats(x)[1]).all()))
+    """ % str(pkg_root)
+    env = {"NUMBA_CACHE_DIR": str(blocker / "cache"), "HOME": str(blocker / "home"),
+           "XDG_CACHE_HOME": str(blocker / "xdg"), "PYTHONPATH": str(pkg_root),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    full_env = {k: v for k, v in os.environ.items() if k not in env}
+    full_env.update(env)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True"], result.stdout
+
+
+def test_missing_cache_dir_is_created(tmp_path):
+    cache = tmp_path / "does" / "not" / "exist"
+    result = _run_python("""
+        import numpy as np, fastbn
+        print(fastbn.batch_norm_forward(np.ones((4, 3), np.float32))[0].sum())
+    """, env={"NUMBA_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) == 0.0
