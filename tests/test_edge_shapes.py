@@ -71,17 +71,17 @@ def test_integer_types_in_kernels_are_64_bit():
     check is its cheap, exact stand-in: after compiling each kernel, every integer-typed
     variable in Numba's type map (loop indices, item -> (n, c, block) decomposition,
     ``lo = b * block`` offsets, slice bounds) must be int64/uint64, so no product of
-    indices can wrap at 2**31.  The driver's own sizes are Python ints and the partial
+    indices can wrap at 2**31.  The host's own sizes are Python ints and the partial
     counts float64 (exact to 2**53).
     """
     import numba
-    from fastbn.cpu import nchw, nhwc, welford
+    from fastbn.cpu import channels, planes, rows
 
     for shape, layout in (((2, 3, 4, 5), "NCHW"), ((2, 4, 5, 3), "NHWC")):
         x = _x(shape)
         _, m, s = F(x, layout=layout)
         B(x, x, m, s, layout=layout)
-    kernels = [obj for mod in (nchw, nhwc, welford) for obj in vars(mod).values()
+    kernels = [obj for mod in (planes, rows, channels) for obj in vars(mod).values()
                if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.signatures]
     assert len(kernels) >= 9
     from numba.core import compiler, typed_passes
