@@ -11,8 +11,8 @@ hardware).  Like the hardware it needs every lane of the warp to take part.
 Device functions of another module.  While a kernel runs, the simulator rebinds the
 global ``cuda`` of the kernel's module to the launch's fake module, and does the same
 for a device function's module on every call, restoring it on return.  The threads
-of a block run concurrently, so when a kernel of one module (``nchw``) calls device
-functions of another (``welford``) one thread's restore pulls the fake module from
+of a block run concurrently, so when a kernel of one module (``planes``) calls device
+functions of another (``merge``) one thread's restore pulls the fake module from
 under another thread still inside the function.  :func:`install` binds the ``cuda``
 global of fastbn's kernel modules to a proxy for the running launch's fake module
 instead, which the simulator leaves alone.
@@ -26,8 +26,8 @@ from numba.cuda.simulator import kernel as _sim_kernel
 from numba.cuda.simulator import kernelapi
 
 #: fastbn modules whose functions run on the device.
-KERNEL_MODULES = ("fastbn.cuda.welford", "fastbn.cuda.nchw", "fastbn.cuda.nhwc",
-                  "fastbn.cuda.finalize")
+KERNEL_MODULES = ("fastbn.cuda.merge", "fastbn.cuda.planes", "fastbn.cuda.rows",
+                  "fastbn.cuda.channels")
 
 WARP_SIZE = 32
 #: A lane that waits longer than this at a shuffle means a lane never arrived (a bug):

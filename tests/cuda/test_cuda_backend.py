@@ -27,7 +27,8 @@ import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
 from fastbn._checks import values_per_channel  # noqa: E402
 from fastbn.cuda import launch_config  # noqa: E402
-from fastbn.cuda.arrays import dense_strides, strided_view  # noqa: E402
+from fastbn.cuda.arrays import strided_view  # noqa: E402
+from fastbn.geometry import dense_strides  # noqa: E402
 
 # Tiny tensors are a poor fit for a GPU; numba says so on every launch.
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
@@ -151,8 +152,8 @@ def check_forward(case, layout, training, momentum=0.1, eps=1e-5, use_affine=Tru
     d_rm, d_rv = device(case["running_mean"]), device(case["running_var"])
     d_x = device(x)
     y, save_mean, save_invstd = fastbn.batch_norm_forward(
-        d_x, device(weight), device(bias), d_rm, d_rv, training=training, momentum=momentum,
-        eps=eps, layout=layout)
+        d_x, device(weight), device(bias), running_mean=d_rm, running_var=d_rv, training=training,
+        momentum=momentum, eps=eps, layout=layout)
     rm_ref, rv_ref = case["running_mean"].copy(), case["running_var"].copy()
     y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(
         x, weight, bias, rm_ref, rv_ref, training=training, momentum=momentum, eps=eps, layout=layout)
@@ -361,7 +362,7 @@ def test_mixing_host_and_device_arrays_names_the_argument(rng):
     with pytest.raises(TypeError, match=r"^weight: expected a CUDA device array like x"):
         fastbn.batch_norm_forward(d_x, case["weight"])
     with pytest.raises(TypeError, match=r"^running_var: expected a CUDA device array like x"):
-        fastbn.batch_norm_forward(d_x, None, None, device(case["running_mean"]), case["running_var"])
+        fastbn.batch_norm_forward(d_x, running_mean=device(case["running_mean"]), running_var=case["running_var"])
     with pytest.raises(TypeError, match=r"^save_mean: expected a CUDA device array like dy"):
         fastbn.batch_norm_backward(d_x, d_x, np.zeros(4), device(np.ones(4)))
     with pytest.raises(TypeError, match=r"^x: expected a CUDA device array like dy"):
@@ -389,7 +390,7 @@ def test_checks_run_before_any_device_work(rng):
     case = make_case(rng, (3, 4, 5, 6), "NCHW", np.float32)
     d_rm, d_rv = device(case["running_mean"]), device(case["running_var"])
     with pytest.raises(ValueError, match=r"^momentum: expected a number in \[0.0, 1.0\]"):
-        fastbn.batch_norm_forward(device(case["x"]), None, None, d_rm, d_rv, momentum=2.0)
+        fastbn.batch_norm_forward(device(case["x"]), running_mean=d_rm, running_var=d_rv, momentum=2.0)
     np.testing.assert_array_equal(host(d_rm), case["running_mean"])
     np.testing.assert_array_equal(host(d_rv), case["running_var"])
 

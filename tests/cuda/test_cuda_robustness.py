@@ -65,7 +65,7 @@ def test_device_error_keeps_running_stats_and_out():
     rm, rv = D(np.arange(3, dtype=np.float32)), D(np.ones(3, np.float32))
     out = D(np.full((4, 3, 5), 7.0, np.float32))
     with pytest.raises(ValueError):
-        fastbn.batch_norm_forward(x, D(np.ones(4, np.float32)), None, rm, rv, out=out)
+        fastbn.batch_norm_forward(x, D(np.ones(4, np.float32)), running_mean=rm, running_var=rv, out=out)
     np.testing.assert_array_equal(rm.copy_to_host(), np.arange(3))
     np.testing.assert_array_equal(rv.copy_to_host(), 1.0)
     np.testing.assert_array_equal(out.copy_to_host(), 7.0)
