@@ -3,8 +3,9 @@
 The simulator runs kernels as Python, so it cannot catch what only Numba's CUDA
 compiler rejects (typing and lowering in the CUDA target, NVVM).  Compiling to PTX
 needs only libNVVM from a CUDA toolkit, no driver or device; skipped without one.
-Each kernel is compiled for every input dtype and every argument dtype it is
-launched with (statistics float32/float64; eval passes running statistics).
+Each kernel is compiled for every storage dtype and every argument dtype fastbn
+launches it with (statistics float32/float64; eval passes running statistics; the
+stages accept (mean, var) pairs in the parameter, statistics or float64 dtype).
 """
 
 import numba
@@ -15,6 +16,8 @@ if numba.config.ENABLE_CUDASIM:
     pytest.skip("compiles for the real CUDA target (the simulator is on)", allow_module_level=True)
 
 from numba import cuda, typeof  # noqa: E402
+
+from fastbn.dtypes import policy  # noqa: E402
 
 COMPUTE_CAPABILITY = (9, 0)
 
@@ -45,36 +48,70 @@ def compile_ptx():
         dispatcher.get_current_device = saved
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_every_kernel_compiles_to_ptx(compile_ptx, dtype):
-    from fastbn.cuda.dtypes import accumulator_dtype, compute_dtype
-    from fastbn.cuda.finalize import finalize_kernels
-    from fastbn.cuda.nchw import nchw_kernels
-    from fastbn.cuda.nhwc import nhwc_kernels
-    from fastbn.cuda.welford import merge_stat_partials, merge_sum_partials
+STORAGE_DTYPES = [np.float16, np.float32, np.float64]
+#: Statistics dtypes a backward stage accepts for mean and invstd (fastbn.dtypes).
+STATISTICS = (np.float32, np.float64)
+
+
+def _vector(dtype):
+    return np.zeros(4, dtype)
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_family_kernels_compile_to_ptx(compile_ptx, dtype):
+    from fastbn.cuda.planes import planes_kernels
+    from fastbn.cuda.rows import rows_kernels
 
     dtype = np.dtype(dtype)
+    compute = policy(dtype).compute
     x = np.zeros(60, dtype)
     partials = np.zeros((4, 3))
-    statistics = np.zeros(4, accumulator_dtype(dtype))
-    vector = np.zeros(4, compute_dtype(dtype))
-    nchw, nhwc = nchw_kernels(dtype), nhwc_kernels(dtype)
-    forward_finalize, backward_finalize = finalize_kernels(dtype)
+    vector = _vector(compute)
+    planes, rows = planes_kernels(dtype), rows_kernels(dtype)
 
-    ptx = compile_ptx(nchw.stats_partials, x, 4, 5, 3, partials, partials, partials)
+    ptx = compile_ptx(planes.moments, x, 4, 5, 3, partials, partials, partials)
     assert "shfl.sync.down" in ptx  # the warp merge uses shuffles
-    compile_ptx(nhwc.stats_partials, x, 4, 3, partials, partials, partials)
-    compile_ptx(nchw.scale_shift, x, 4, 5, vector, vector, vector, x)
-    compile_ptx(nhwc.scale_shift, x, 4, vector, vector, vector, x)
-    compile_ptx(nchw.backward_dx, x, x, 4, 5, vector, vector, vector, vector, x)
-    compile_ptx(nhwc.backward_dx, x, x, 4, vector, vector, vector, vector, x)
-    for saved_mean in (np.zeros(4, np.float32), np.zeros(4, np.float64)):
-        compile_ptx(nchw.backward_reduce, x, x, saved_mean, 4, 5, 3, partials, partials)
-        compile_ptx(nhwc.backward_reduce, x, x, saved_mean, 4, 3, partials, partials)
-        compile_ptx(backward_finalize, statistics, statistics, saved_mean, saved_mean, vector, True,
-                    True, 10.0, vector, vector, vector, vector, vector, vector)
-    for mean_var in (statistics, vector):  # training: batch statistics; eval: running ones
-        compile_ptx(forward_finalize, mean_var, mean_var, vector, vector, True, False, 1e-5, True,
-                    True, 0.1, 10.0, vector, vector, statistics, statistics, vector, vector, vector)
-    compile_ptx(merge_stat_partials, partials, partials, partials, statistics, statistics)
-    compile_ptx(merge_sum_partials, partials, partials, statistics, statistics)
+    compile_ptx(rows.moments, x, 4, 3, partials, partials, partials)
+    compile_ptx(planes.apply, x, 4, 5, vector, vector, vector, x)
+    compile_ptx(rows.apply, x, 4, vector, vector, vector, x)
+    compile_ptx(planes.backward_apply, x, x, 4, 5, vector, vector, vector, vector, x)
+    compile_ptx(rows.backward_apply, x, x, 4, vector, vector, vector, vector, x)
+    for mean in STATISTICS:
+        compile_ptx(planes.backward_sums, x, x, _vector(mean), 4, 5, 3, partials, partials)
+        compile_ptx(rows.backward_sums, x, x, _vector(mean), 4, 3, partials, partials)
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_channel_kernels_compile_to_ptx(compile_ptx, dtype):
+    from fastbn.cuda import channels
+
+    p = policy(dtype)
+    f64, statistics, parameters = _vector(np.float64), _vector(p.statistics), _vector(p.parameters)
+    vector = _vector(p.compute)
+    # Moments (float64); (mean, var) pairs: running statistics (parameter dtype) or any
+    # statistics-dtype or float64 pair the stage accepts (count is then a placeholder).
+    inputs = [(f64, f64, f64, True)]
+    kinds = {np.dtype(d): _vector(d) for d in (p.parameters, p.statistics, np.float64)}
+    inputs += [(mean, mean, var, False) for mean in kinds.values() for var in kinds.values()]
+    for count, mean, second, from_moments in inputs:
+        compile_ptx(channels.forward_coefficients, count, mean, second, from_moments, parameters, parameters,
+                    True, False, 1e-5, 1e38, 0.1, parameters, parameters, from_moments,
+                    statistics, statistics, vector, vector, vector)
+    for mean in STATISTICS:
+        for invstd in STATISTICS:
+            compile_ptx(channels.backward_coefficients, f64, f64, f64, _vector(mean), _vector(invstd), parameters,
+                        True, True, 1e38, vector, vector, vector, vector)
+        compile_ptx(channels.weight_bias_gradients, f64, f64, _vector(mean), parameters, parameters)
+    compile_ptx(channels.mean_var, f64, f64, f64, True, statistics, statistics)
+
+
+def test_merge_kernels_compile_to_ptx(compile_ptx):
+    from fastbn.cuda import channels, merge
+
+    partials, f64 = np.zeros((4, 3)), _vector(np.float64)
+    compile_ptx(merge.merge_partials, partials, partials, partials, f64, f64, f64)
+    compile_ptx(merge.sum_partials, partials, partials, 6.0, f64, f64, f64)
+    compile_ptx(channels.merge_moments, *[f64] * 9)
+    compile_ptx(channels.merge_sums, *[f64] * 9)
+    compile_ptx(channels.mean_var, f64, f64, f64, False, f64, f64)
+    compile_ptx(channels.inverse_std, f64, f64, 1e-5, f64)

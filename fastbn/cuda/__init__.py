@@ -1,25 +1,30 @@
-"""CUDA backend: ``numba.cuda`` kernels per memory layout and their host driver.
+"""CUDA backend: ``numba.cuda`` kernels per kernel family (:mod:`~fastbn.cuda.planes`,
+:mod:`~fastbn.cuda.rows`), the block merges (:mod:`~fastbn.cuda.merge`), the per-channel
+kernels (:mod:`~fastbn.cuda.channels`) and the pipeline's stages that launch them
+(:mod:`~fastbn.cuda.stages`, the same functions as :mod:`fastbn.cpu`).
 
-The GPU twin of :mod:`fastbn.cpu`, used by the public functions of :mod:`fastbn` when
-they are given device arrays (numba device arrays, CuPy arrays, PyTorch CUDA tensors:
-anything exposing ``__cuda_array_interface__``).  Imported lazily, on the first device
-array, so ``import fastbn`` needs no GPU.  Under Numba's CUDA simulator
-(``NUMBA_ENABLE_CUDASIM=1``) the same kernels run on the CPU, for testing.
+Used by the public functions of :mod:`fastbn` when they are given device arrays (numba
+device arrays, CuPy arrays, PyTorch CUDA tensors: anything exposing
+``__cuda_array_interface__``).  Imported lazily, on the first device array, so
+``import fastbn`` needs no GPU.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)
+the same kernels run on the CPU, for testing.
 """
 
 from numba import cuda as _cuda
 
 from .arrays import SIMULATOR
 from .config import LaunchConfig, launch_config
-from .driver import batch_norm_backward, batch_norm_forward, batch_stats
-from .dtypes import FLOAT_DTYPES, STAT_DTYPES
+from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
+                     forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
+                     moments_var, parameter_gradients)
 
 if SIMULATOR:
     from . import _simulator
     _simulator.install()
 
-__all__ = ["batch_stats", "batch_norm_forward", "batch_norm_backward", "launch_config",
-           "LaunchConfig", "FLOAT_DTYPES", "STAT_DTYPES", "describe", "require_gpu"]
+__all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
+           "forward_coefficients", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
+           "moments_var", "parameter_gradients", "launch_config", "LaunchConfig", "describe", "require_gpu"]
 
 
 def describe():

@@ -11,23 +11,32 @@ hardware).  Like the hardware it needs every lane of the warp to take part.
 Device functions of another module.  While a kernel runs, the simulator rebinds the
 global ``cuda`` of the kernel's module to the launch's fake module, and does the same
 for a device function's module on every call, restoring it on return.  The threads
-of a block run concurrently, so when a kernel of one module (``nchw``) calls device
-functions of another (``welford``) one thread's restore pulls the fake module from
+of a block run concurrently, so when a kernel of one module (``planes``) calls device
+functions of another (``merge``) one thread's restore pulls the fake module from
 under another thread still inside the function.  :func:`install` binds the ``cuda``
 global of fastbn's kernel modules to a proxy for the running launch's fake module
 instead, which the simulator leaves alone.
+
+Shared arrays.  The simulator gives the threads of a launch one array per
+``cuda.shared.array`` call site, created by the first thread to get there; two threads
+that get there together can each create one (an unlocked check-then-set), and one of
+them then works on an array the others never see.  It is rare, but it made merges read
+uninitialized slots now and then.  :func:`install` makes that allocation atomic.
 """
 
 import sys
 import threading
 
+import numpy as np
 from numba import cuda as _real_cuda
+from numba.core import types
 from numba.cuda.simulator import kernel as _sim_kernel
 from numba.cuda.simulator import kernelapi
+from numba.np import numpy_support
 
 #: fastbn modules whose functions run on the device.
-KERNEL_MODULES = ("fastbn.cuda.welford", "fastbn.cuda.nchw", "fastbn.cuda.nhwc",
-                  "fastbn.cuda.finalize")
+KERNEL_MODULES = ("fastbn.cuda.merge", "fastbn.cuda.planes", "fastbn.cuda.rows",
+                  "fastbn.cuda.channels")
 
 WARP_SIZE = 32
 #: A lane that waits longer than this at a shuffle means a lane never arrived (a bug):
@@ -67,6 +76,25 @@ def _shfl_down_sync(fake_cuda, mask, value, delta):
     return exchange.shuffle_down(thread.thread_id % WARP_SIZE, value, delta)
 
 
+def _shared_array(shared, shape, dtype):
+    """``FakeCUDAShared.array`` with an atomic allocation, keyed like the simulator's
+    by the caller's file and line."""
+    if isinstance(dtype, types.Type):
+        dtype = numpy_support.as_dtype(dtype)
+    if shape == 0:  # dynamic shared memory: one preallocated buffer, nothing to race on
+        return _simulator_shared_array(shared, shape, dtype)
+    caller = sys._getframe(1)
+    key = (caller.f_code.co_filename, caller.f_lineno)
+    with _registry_lock:
+        array = shared._allocations.get(key)
+        if array is None:
+            array = shared._allocations[key] = np.empty(shape, dtype)
+    return array
+
+
+_simulator_shared_array = kernelapi.FakeCUDAShared.array
+
+
 class _LaunchCudaProxy:
     """``cuda`` for device code: the running launch's fake module, else numba.cuda."""
 
@@ -76,10 +104,11 @@ class _LaunchCudaProxy:
 
 
 def install():
-    """Add ``shfl_down_sync`` to the simulator and bind the kernel modules' ``cuda`` to
-    :class:`_LaunchCudaProxy` (idempotent)."""
+    """Add ``shfl_down_sync`` to the simulator, make its shared-array allocation atomic
+    and bind the kernel modules' ``cuda`` to :class:`_LaunchCudaProxy` (idempotent)."""
     if not hasattr(kernelapi.FakeCUDAModule, "shfl_down_sync"):
         kernelapi.FakeCUDAModule.shfl_down_sync = _shfl_down_sync
+    kernelapi.FakeCUDAShared.array = _shared_array
     proxy = _LaunchCudaProxy()
     for name in KERNEL_MODULES:
         sys.modules[name].cuda = proxy

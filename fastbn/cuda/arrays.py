@@ -1,5 +1,5 @@
-"""Device arrays at the backend's boundary: recognising them, viewing their memory in
-the kernels' order, and handing results back as the caller's kind of array.
+"""Device arrays at the backend's boundary: recognising them, low-level views of their
+memory, and handing results back as the caller's kind of array.
 
 Callers may pass numba device arrays or anything exposing
 ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors).  Inputs become
@@ -49,22 +49,6 @@ def data_pointer(a):
     """Address of the first element of device array ``a``."""
     interface = a.__array_interface__ if SIMULATOR else a.__cuda_array_interface__
     return interface["data"][0]
-
-
-def dense_strides(shape, itemsize, axes):
-    """Byte strides of a C-contiguous array whose axes, outermost first, are ``axes``."""
-    strides = [0] * len(shape)
-    step = itemsize
-    for axis in reversed(axes):
-        strides[axis] = step
-        step *= shape[axis]
-    return tuple(strides)
-
-
-def is_dense_in(a, axes):
-    """True when ``a``'s elements are contiguous in the axis order ``axes`` (size-1 axes ignored)."""
-    expected = dense_strides(a.shape, a.dtype.itemsize, axes)
-    return all(size == 1 or stride == want for size, stride, want in zip(a.shape, a.strides, expected))
 
 
 def flat(a):

@@ -61,7 +61,8 @@ def bench_case(torch, shape, dtype, channels_last, iters, repeats):
     fx, fdy = cuda.as_cuda_array(x), cuda.as_cuda_array(dy)
     fw, fb = cuda.as_cuda_array(weight), cuda.as_cuda_array(bias)
     frm, frv = cuda.as_cuda_array(running_mean), cuda.as_cuda_array(running_var)
-    _, save_mean, save_invstd = fastbn.batch_norm_forward(fx, fw, fb, frm, frv, training=True)
+    _, save_mean, save_invstd = fastbn.batch_norm_forward(fx, fw, fb, running_mean=frm, running_var=frv,
+                                                          training=True)
 
     x_grad = x.detach().requires_grad_(True)
     w_grad = weight.detach().requires_grad_(True)
@@ -71,7 +72,8 @@ def bench_case(torch, shape, dtype, channels_last, iters, repeats):
     return {
         "copy": _time_ms(torch, lambda: copy_target.copy_(x), iters, repeats),
         "fastbn train fwd": _time_ms(
-            torch, lambda: fastbn.batch_norm_forward(fx, fw, fb, frm, frv, training=True), iters, repeats),
+            torch, lambda: fastbn.batch_norm_forward(fx, fw, fb, running_mean=frm, running_var=frv, training=True),
+            iters, repeats),
         "torch train fwd": _time_ms(
             torch, lambda: F.batch_norm(x, running_mean, running_var, weight, bias, training=True),
             iters, repeats),
@@ -82,7 +84,8 @@ def bench_case(torch, shape, dtype, channels_last, iters, repeats):
             torch, lambda: torch.autograd.grad(y_torch, (x_grad, w_grad, b_grad), dy, retain_graph=True),
             iters, repeats),
         "fastbn eval fwd": _time_ms(
-            torch, lambda: fastbn.batch_norm_forward(fx, fw, fb, frm, frv, training=False), iters, repeats),
+            torch, lambda: fastbn.batch_norm_forward(fx, fw, fb, running_mean=frm, running_var=frv, training=False),
+            iters, repeats),
         "torch eval fwd": _time_ms(
             torch, lambda: F.batch_norm(x, running_mean, running_var, weight, bias, training=False),
             iters, repeats),

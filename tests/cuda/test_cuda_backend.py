@@ -11,8 +11,6 @@ channel with their partials merged by a second kernel, several warps per block,
 grid-stride elementwise loops.  On a GPU the same tests run plus larger shapes.
 """
 
-import sys
-
 import numba
 import numpy as np
 import pytest
@@ -27,7 +25,8 @@ import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
 from fastbn._checks import values_per_channel  # noqa: E402
 from fastbn.cuda import launch_config  # noqa: E402
-from fastbn.cuda.arrays import dense_strides, strided_view  # noqa: E402
+from fastbn.cuda.arrays import strided_view  # noqa: E402
+from fastbn.geometry import dense_strides  # noqa: E402
 
 # Tiny tensors are a poor fit for a GPU; numba says so on every launch.
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
@@ -42,18 +41,6 @@ ONE_WARP = dict(threads_per_block=32, max_blocks=4, values_per_block=1 << 20)
 #: blocks, NHWC each channel's 60 rows in 12 blocks of 5 rows (8 row lanes).
 MANY_BLOCKS = dict(threads_per_block=64, max_blocks=64, values_per_block=40)
 SHAPES = [(3, 4, 5, 6)] if SIMULATOR else [(3, 4, 5, 6), (8, 16, 17, 19), (2, 3, 64, 64), (64, 40)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quick_thread_switches():
-    """Under the simulator the threads of a block wait on each other at every barrier
-    and shuffle while the simulator's scheduler polls them; the default 5 ms GIL switch
-    interval makes each wait cost milliseconds.  A shorter one halves the run time."""
-    saved = sys.getswitchinterval()
-    if SIMULATOR:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(saved)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,4 +1,5 @@
-"""Kernels for channel-first memory: ``x`` as a flat C-contiguous (N, C, S) buffer.
+"""Kernels of the planes family: ``x`` as a flat C-contiguous (N, C, S) buffer
+(:data:`fastbn.geometry.PLANES`: ``outer`` N, ``kept`` C, ``inner`` S).
 
 Element ``(n, c, s)`` is at ``(n * C + c) * S + s``.  Channel ``c``'s values are
 numbered ``j = n * S + s`` (``0 <= j < N * S``).
@@ -6,18 +7,17 @@ numbered ``j = n * S + s`` (``0 <= j < N * S``).
 Reductions run on a grid of ``(C, blocks_per_channel)`` 1-D blocks: block ``(c, b)``
 reduces values ``j`` in ``[b * chunk, (b + 1) * chunk)`` of channel ``c``, consecutive
 threads on consecutive ``j`` (consecutive addresses within a plane, so loads
-coalesce), and writes one float64 partial per block; a second kernel merges a
-channel's partials.  Splitting each channel over several blocks fills the GPU when
-there are few channels with many values ((256, 3, 224, 224)); with many small channels
-((256, 2048, 7, 7)) one block per channel already does.  A thread advances ``j`` by
-the block size and carries ``(n, s)`` along with a subtraction loop instead of an
-integer division per value.
+coalesce), and writes one float64 partial per block; a second kernel
+(:mod:`fastbn.cuda.merge`) merges a channel's partials.  Splitting each channel over
+several blocks fills the GPU when there are few channels with many values
+((256, 3, 224, 224)); with many small channels ((256, 2048, 7, 7)) one block per
+channel already does.  A thread advances ``j`` by the block size and carries ``(n, s)``
+along with a subtraction loop instead of an integer division per value.
 
-Elementwise kernels run a grid-stride loop over the flat buffer, channel
-``(i // S) % C``.
+Elementwise kernels run a grid-stride loop over the flat buffer, channel ``(i // S) % C``.
 
-Kernels are compiled per input dtype (:func:`nchw_kernels`), the accumulator and the
-elementwise arithmetic dtypes being chosen by :mod:`fastbn.cuda.dtypes`.
+Kernels are compiled per storage dtype (:func:`planes_kernels`), accumulating and
+computing in the dtypes of its :mod:`fastbn.dtypes` policy.
 """
 
 import collections
@@ -26,26 +26,22 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .dtypes import accumulator_dtype, compute_dtype
-from .welford import MAX_WARPS, block_merge, block_sum2, thread_partial
+from .. import dtypes
+from .merge import MAX_WARPS, block_merge, block_sum2, thread_partial
 
-#: The four kernels of one memory order, compiled for one input dtype.
-LayoutKernels = collections.namedtuple(
-    "LayoutKernels", ["stats_partials", "backward_reduce", "scale_shift", "backward_dx"])
+#: The four kernels of one family, compiled for one storage dtype.
+FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_sums", "apply", "backward_apply"])
 
 
 @functools.cache
-def nchw_kernels(dtype):
-    """The NCHW kernels for inputs of ``dtype`` (float16, float32 or float64).
-
-    Returns a namespace with ``stats_partials``, ``backward_reduce``, ``scale_shift``
-    and ``backward_dx``.
-    """
-    acc = accumulator_dtype(dtype).type
-    comp = compute_dtype(dtype).type
+def planes_kernels(dtype):
+    """The planes kernels (a :class:`FamilyKernels`) for storage ``dtype``."""
+    policy = dtypes.policy(dtype)
+    acc = policy.accumulate.type
+    comp = policy.compute.type
 
     @cuda.jit
-    def nchw_stats_partials(x, num_channels, plane_size, chunk, part_n, part_mean, part_m2):
+    def planes_moments(x, num_channels, plane_size, chunk, part_n, part_mean, part_m2):
         """Per-block (count, mean, M2) of one channel's chunk; outputs (C, P) float64."""
         shared_n = cuda.shared.array(MAX_WARPS, np.float64)
         shared_mean = cuda.shared.array(MAX_WARPS, np.float64)
@@ -60,14 +56,14 @@ def nchw_kernels(dtype):
         step = cuda.blockDim.x
         n = j // plane_size
         s = j - n * plane_size
-        k = acc(0)
+        pivot = acc(0)
         s1 = acc(0)
         s2 = acc(0)
         values = 0
         if j < end:
-            k = acc(x[(n * num_channels + c) * plane_size + s])
+            pivot = acc(x[(n * num_channels + c) * plane_size + s])
         while j < end:
-            d = acc(x[(n * num_channels + c) * plane_size + s]) - k
+            d = acc(x[(n * num_channels + c) * plane_size + s]) - pivot
             s1 += d
             s2 += d * d
             values += 1
@@ -76,7 +72,7 @@ def nchw_kernels(dtype):
             while s >= plane_size:
                 s -= plane_size
                 n += 1
-        mean, m2 = thread_partial(k, s1, s2, acc(values))
+        mean, m2 = thread_partial(pivot, s1, s2, values)
         total, mean, m2 = block_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
         if cuda.threadIdx.x == 0:
             part_n[c, b] = total
@@ -84,8 +80,7 @@ def nchw_kernels(dtype):
             part_m2[c, b] = m2
 
     @cuda.jit
-    def nchw_backward_reduce(dy, x, mean, num_channels, plane_size, chunk, part_sum_dy,
-                             part_sum_dy_xmu):
+    def planes_backward_sums(dy, x, mean, num_channels, plane_size, chunk, part_sum_dy, part_sum_dy_xmu):
         """Per-block sum(dy) and sum(dy * (x - mean[c])) of one channel's chunk; (C, P) float64."""
         shared_a = cuda.shared.array(MAX_WARPS, np.float64)
         shared_b = cuda.shared.array(MAX_WARPS, np.float64)
@@ -118,7 +113,7 @@ def nchw_kernels(dtype):
             part_sum_dy_xmu[c, b] = sum_dy_xmu
 
     @cuda.jit
-    def nchw_scale_shift(x, num_channels, plane_size, center, scale, shift, y):
+    def planes_apply(x, num_channels, plane_size, center, scale, shift, y):
         """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
         i = cuda.grid(1)
         stride = cuda.gridsize(1)
@@ -128,7 +123,7 @@ def nchw_kernels(dtype):
             i += stride
 
     @cuda.jit
-    def nchw_backward_dx(dy, x, num_channels, plane_size, center, dy_scale, x_scale, shift, dx):
+    def planes_backward_apply(dy, x, num_channels, plane_size, center, dy_scale, x_scale, shift, dx):
         """dx = dy * dy_scale[c] + (x - center[c]) * x_scale[c] + shift[c] (compute dtype)."""
         i = cuda.grid(1)
         stride = cuda.gridsize(1)
@@ -137,4 +132,4 @@ def nchw_kernels(dtype):
             dx[i] = comp(dy[i]) * dy_scale[c] + (comp(x[i]) - center[c]) * x_scale[c] + shift[c]
             i += stride
 
-    return LayoutKernels(nchw_stats_partials, nchw_backward_reduce, nchw_scale_shift, nchw_backward_dx)
+    return FamilyKernels(planes_moments, planes_backward_sums, planes_apply, planes_backward_apply)

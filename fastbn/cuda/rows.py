@@ -1,4 +1,5 @@
-"""Kernels for channel-last memory: ``x`` as a flat C-contiguous (M, C) buffer of rows.
+"""Kernels of the rows family: ``x`` as a flat C-contiguous (M, C) buffer of rows
+(:data:`fastbn.geometry.ROWS`: ``outer`` M, ``kept`` C).
 
 Element ``(r, c)`` is at ``r * C + c``.
 
@@ -11,10 +12,10 @@ channels (``lanes`` is the power of two >= C, at most 32).  The grid is
 ``[b * rows_per_block, (b + 1) * rows_per_block)`` of channels ``bx * lanes + x``.
 Threads of a channel are merged with a shared-memory tree over ``threadIdx.y`` (warp
 shuffles would merge different channels here) and each block writes one float64
-partial per channel, merged by a second kernel as for NCHW.
+partial per channel, merged by a second kernel as for planes.
 
 Elementwise kernels run a grid-stride loop over the flat buffer, channel ``i % C``.
-Kernels are compiled per input dtype (:func:`nhwc_kernels`).
+Kernels are compiled per storage dtype (:func:`rows_kernels`).
 """
 
 import functools
@@ -22,23 +23,21 @@ import functools
 import numpy as np
 from numba import cuda
 
+from .. import dtypes
 from .config import MAX_THREADS_PER_BLOCK
-from .dtypes import accumulator_dtype, compute_dtype
-from .nchw import LayoutKernels
-from .welford import column_merge, column_sum2, thread_partial
+from .merge import column_merge, column_sum2, thread_partial
+from .planes import FamilyKernels
 
 
 @functools.cache
-def nhwc_kernels(dtype):
-    """The NHWC kernels for inputs of ``dtype`` (float16, float32 or float64).
-
-    Returns a :class:`~fastbn.cuda.nchw.LayoutKernels`.
-    """
-    acc = accumulator_dtype(dtype).type
-    comp = compute_dtype(dtype).type
+def rows_kernels(dtype):
+    """The rows kernels (a :class:`~fastbn.cuda.planes.FamilyKernels`) for storage ``dtype``."""
+    policy = dtypes.policy(dtype)
+    acc = policy.accumulate.type
+    comp = policy.compute.type
 
     @cuda.jit
-    def nhwc_stats_partials(x, num_channels, rows_per_block, part_n, part_mean, part_m2):
+    def rows_moments(x, num_channels, rows_per_block, part_n, part_mean, part_m2):
         """Per-block (count, mean, M2) of each channel over a row range; outputs (C, P) float64."""
         shared_n = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
         shared_mean = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
@@ -50,20 +49,20 @@ def nhwc_kernels(dtype):
         if end > num_rows:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
             end = num_rows
         r = b * rows_per_block + cuda.threadIdx.y
-        k = acc(0)
+        pivot = acc(0)
         s1 = acc(0)
         s2 = acc(0)
         values = 0
         if c < num_channels:
             if r < end:
-                k = acc(x[r * num_channels + c])
+                pivot = acc(x[r * num_channels + c])
             while r < end:
-                d = acc(x[r * num_channels + c]) - k
+                d = acc(x[r * num_channels + c]) - pivot
                 s1 += d
                 s2 += d * d
                 values += 1
                 r += cuda.blockDim.y
-        mean, m2 = thread_partial(k, s1, s2, acc(values))
+        mean, m2 = thread_partial(pivot, s1, s2, values)
         total, mean, m2 = column_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
         if cuda.threadIdx.y == 0 and c < num_channels:
             part_n[c, b] = total
@@ -71,8 +70,7 @@ def nhwc_kernels(dtype):
             part_m2[c, b] = m2
 
     @cuda.jit
-    def nhwc_backward_reduce(dy, x, mean, num_channels, rows_per_block, part_sum_dy,
-                             part_sum_dy_xmu):
+    def rows_backward_sums(dy, x, mean, num_channels, rows_per_block, part_sum_dy, part_sum_dy_xmu):
         """Per-block sum(dy) and sum(dy * (x - mean[c])) per channel; outputs (C, P) float64."""
         shared_a = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
         shared_b = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
@@ -99,7 +97,7 @@ def nhwc_kernels(dtype):
             part_sum_dy_xmu[c, b] = sum_dy_xmu
 
     @cuda.jit
-    def nhwc_scale_shift(x, num_channels, center, scale, shift, y):
+    def rows_apply(x, num_channels, center, scale, shift, y):
         """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
         i = cuda.grid(1)
         stride = cuda.gridsize(1)
@@ -109,7 +107,7 @@ def nhwc_kernels(dtype):
             i += stride
 
     @cuda.jit
-    def nhwc_backward_dx(dy, x, num_channels, center, dy_scale, x_scale, shift, dx):
+    def rows_backward_apply(dy, x, num_channels, center, dy_scale, x_scale, shift, dx):
         """dx = dy * dy_scale[c] + (x - center[c]) * x_scale[c] + shift[c] (compute dtype)."""
         i = cuda.grid(1)
         stride = cuda.gridsize(1)
@@ -118,4 +116,4 @@ def nhwc_kernels(dtype):
             dx[i] = comp(dy[i]) * dy_scale[c] + (comp(x[i]) - center[c]) * x_scale[c] + shift[c]
             i += stride
 
-    return LayoutKernels(nhwc_stats_partials, nhwc_backward_reduce, nhwc_scale_shift, nhwc_backward_dx)
+    return FamilyKernels(rows_moments, rows_backward_sums, rows_apply, rows_backward_apply)

@@ -1,22 +1,21 @@
-"""Per-thread moments, Chan's merge within a warp (shuffles) and a block, and the
-per-channel merge of per-block partials.
+"""Reductions within a block, and the per-channel merge of the blocks' partials.
 
-Each thread accumulates sums shifted by its own first value (``k``), in the
-accumulator dtype: ``S1 = sum(x - k)``, ``S2 = sum((x - k)**2)``, so
-``mean = k + S1/n`` and ``M2 = S2 - S1**2/n`` without catastrophic cancellation (the
-terms are the size of the spread, not of the mean) and without a division per value
-as a per-element Welford update would need.  Thread partials ``(n, mean, M2)`` are
-then merged with Chan et al.'s parallel formula: within a warp by ``shfl_down_sync``,
+Each thread accumulates sums shifted by its own first value (``pivot``), in the
+accumulate dtype: ``s1 = sum(x - pivot)``, ``s2 = sum((x - pivot)**2)``, turned into the
+thread's float64 ``(count, mean, M2)`` by :func:`fastbn.algebra.shifted_moments` (no
+division per value, as a per-element Welford update would need).  Thread partials are
+merged with :func:`fastbn.algebra.chan_merge`: within a warp by ``shfl_down_sync``,
 across the warps of a block through shared memory, and across the blocks of a channel
-by :func:`merge_stat_partials`.  Every merge order is fixed, so results are
-deterministic.  Merges run in float64 whatever the accumulator: they are a few
-operations per thread, and float64 partials keep the cross-block merge exact enough
-for float32 accumulation (float16 inputs) too.
+by :func:`merge_partials`.  Every merge order is fixed, so results are deterministic.
+Merges run in float64 whatever the accumulator: they are a few operations per thread,
+and float64 partials keep the cross-block merge exact enough for float32 accumulation
+(float16 inputs) too.  The backward sums reduce the same way, by addition.
 """
 
 import numpy as np
 from numba import cuda
 
+from ..algebra import chan_merge, shifted_moments
 from .config import MAX_THREADS_PER_BLOCK, WARP_SIZE
 
 FULL_MASK = 0xFFFFFFFF
@@ -25,37 +24,13 @@ MAX_WARPS = MAX_THREADS_PER_BLOCK // WARP_SIZE
 
 
 @cuda.jit(device=True)
-def shifted_moments(k, s1, s2, n):
-    """(mean, M2) of ``n`` > 0 values from their sums shifted by ``k``."""
-    mean_shift = s1 / n
-    m2 = s2 - s1 * mean_shift
-    if m2 < 0:  # rounding only; a comparison, so a NaN stays NaN
-        m2 = m2 * 0
-    return k + mean_shift, m2
-
-
-@cuda.jit(device=True)
-def thread_partial(k, s1, s2, n):
-    """A thread's float64 (mean, M2) from its sums shifted by ``k`` over ``n`` values,
-    all in the accumulator dtype; (0, 0) when it had none (its count, 0, makes it
-    neutral in the merges)."""
+def thread_partial(pivot, s1, s2, n):
+    """A thread's float64 (mean, M2) from its sums shifted by ``pivot`` over ``n``
+    values (accumulate dtype); (0, 0) when it had none (its count, 0, makes it neutral
+    in the merges).  The algebra runs in float64, so float32 sums lose nothing more."""
     if n == 0:
         return 0.0, 0.0
-    mean, m2 = shifted_moments(k, s1, s2, n)
-    return np.float64(mean), np.float64(m2)
-
-
-@cuda.jit(device=True)
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan's merge of two (count, mean, M2) partials; an empty one (count 0) is neutral."""
-    if n_b == 0.0:
-        return n_a, mean_a, m2_a
-    if n_a == 0.0:
-        return n_b, mean_b, m2_b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    frac_b = n_b / n
-    return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * (n_a * frac_b)
+    return shifted_moments(np.float64(pivot), np.float64(s1), np.float64(s2), np.float64(n))
 
 
 @cuda.jit(device=True)
@@ -188,11 +163,11 @@ def column_sum2(a, b, shared_a, shared_b):
 
 
 @cuda.jit
-def merge_stat_partials(part_n, part_mean, part_m2, mean, var):
-    """Merge per-block partials into per-channel mean and biased variance.
+def merge_partials(part_n, part_mean, part_m2, count, mean, m2):
+    """Merge per-block partials into per-channel (count, mean, M2).
 
-    part_n, part_mean, part_m2: (C, P) float64; mean, var: (C,) outputs (the
-    statistics dtype).  Grid: one 1-D block per channel (``blockIdx.x``).
+    part_n, part_mean, part_m2: (C, P) float64; count, mean, m2: (C,) float64 outputs.
+    Grid: one 1-D block per channel (``blockIdx.x``).
     """
     shared_n = cuda.shared.array(MAX_WARPS, np.float64)
     shared_mean = cuda.shared.array(MAX_WARPS, np.float64)
@@ -200,23 +175,24 @@ def merge_stat_partials(part_n, part_mean, part_m2, mean, var):
     c = cuda.blockIdx.x
     n = 0.0
     m = 0.0
-    m2 = 0.0
+    s = 0.0
     p = cuda.threadIdx.x
     while p < part_n.shape[1]:
-        n, m, m2 = chan_merge(n, m, m2, part_n[c, p], part_mean[c, p], part_m2[c, p])
+        n, m, s = chan_merge(n, m, s, part_n[c, p], part_mean[c, p], part_m2[c, p])
         p += cuda.blockDim.x
-    n, m, m2 = block_merge(n, m, m2, shared_n, shared_mean, shared_m2)
+    n, m, s = block_merge(n, m, s, shared_n, shared_mean, shared_m2)
     if cuda.threadIdx.x == 0:
+        count[c] = n
         mean[c] = m
-        var[c] = m2 / n
+        m2[c] = s
 
 
 @cuda.jit
-def merge_sum_partials(part_a, part_b, sum_a, sum_b):
-    """Per-channel totals of two per-block partial sums.
+def sum_partials(part_a, part_b, values, count, sum_a, sum_b):
+    """Per-channel totals of two per-block partial sums over ``values`` values each.
 
-    part_a, part_b: (C, P) float64; sum_a, sum_b: (C,) outputs.  Grid: one 1-D
-    block per channel.
+    part_a, part_b: (C, P) float64; count, sum_a, sum_b: (C,) float64 outputs (count
+    set to ``values``).  Grid: one 1-D block per channel.
     """
     shared_a = cuda.shared.array(MAX_WARPS, np.float64)
     shared_b = cuda.shared.array(MAX_WARPS, np.float64)
@@ -230,9 +206,6 @@ def merge_sum_partials(part_a, part_b, sum_a, sum_b):
         p += cuda.blockDim.x
     a, b = block_sum2(a, b, shared_a, shared_b)
     if cuda.threadIdx.x == 0:
+        count[c] = values
         sum_a[c] = a
         sum_b[c] = b
-
-
-__all__ = ["shifted_moments", "thread_partial", "chan_merge", "block_merge", "block_sum2", "column_merge",
-           "column_sum2", "merge_stat_partials", "merge_sum_partials"]
