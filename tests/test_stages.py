@@ -124,3 +124,13 @@ def test_stage_errors_name_the_argument(rng):
         stages.backward_sums(dy[:2], x, c.mean)
     with pytest.raises(TypeError, match="sums: expected BackwardSums"):
         stages.backward_coefficients(m, c.mean, c.invstd, dtype=np.float32)
+
+
+def test_eval_never_writes_or_returns_the_running_statistics(rng):
+    x = rng.standard_normal((4, 3, 5))
+    rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    rm.flags.writeable = rv.flags.writeable = False
+    y, save_mean, save_invstd = fastbn.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False)
+    assert not np.shares_memory(save_mean, rm)
+    np.testing.assert_array_equal(save_mean, rm)
+    np.testing.assert_allclose(save_invstd, 1 / np.sqrt(rv + 1e-5), rtol=1e-15)

@@ -116,7 +116,10 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, eps,
     num_channels = mean.shape[0]
     vectors = np.empty((3, num_channels), policy.compute)
     center, scale, shift = vectors
-    save_mean = mean if mean.dtype == policy.statistics else np.empty(num_channels, policy.statistics)
+    # A batch mean already in the statistics dtype is returned as it is; running
+    # statistics are never written (they may be read-only) nor returned as save_mean.
+    reuse = from_moments and mean.dtype == policy.statistics
+    save_mean = mean if reuse else np.empty(num_channels, policy.statistics)
     save_invstd = np.empty(num_channels, policy.statistics)
     channels.forward_coefficients(
         _placeholder(count, mean), mean, second, from_moments,
