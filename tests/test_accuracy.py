@@ -12,7 +12,7 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import elementwise_atol, stats_rtol, to_layout
+from _helpers import elementwise_atol, stats_rtol, to_layout
 
 # 3 channels x 102,400 values per channel (>= 100k, as required).
 SHAPE_NCHW = (4, 3, 160, 160)

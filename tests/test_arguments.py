@@ -20,7 +20,7 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import LAYOUTS, B, F, S, _atol, _ref_backward, _ref_forward, _ro, _x
+from _helpers import LAYOUTS, B, F, S, _atol, _ref_backward, _ref_forward, _ro, _x
 
 
 X = _x((4, 3, 5))

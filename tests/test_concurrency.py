@@ -20,7 +20,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import DTYPES, LAYOUTS, B, F, _x
+from _helpers import DTYPES, LAYOUTS, B, F, _x
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,6 +70,7 @@ def test_python_threads_get_correct_results(layout):
 
 _THREADS_SCRIPT = """
     import threading, numpy as np, numba, fastbn
+    fastbn.cpu.small.SMALL_SIZE = 0  # these launches must be the parallel kernels
     xs = [np.random.default_rng(i).standard_normal((8, 16, 20, 20)).astype(np.float32) for i in range(4)]
     expected = [fastbn.batch_norm_forward(x)[0] for x in xs]
     bad = []
@@ -94,6 +95,7 @@ def test_threads_on_workqueue_layer_do_not_abort():
 _FORK_SCRIPT = """
     import multiprocessing as mp, numpy as np, numba, fastbn
     from fastbn.cpu import _jit
+    fastbn.cpu.small.SMALL_SIZE = 0  # these launches must be the parallel kernels
     def child(q):
         x = np.random.default_rng(1).standard_normal((4, 6, 9, 9)).astype(np.float32)
         y, m, s = fastbn.batch_norm_forward(x)

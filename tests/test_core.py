@@ -9,7 +9,10 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import channel_axis, elementwise_atol, stats_rtol, to_layout
+from _helpers import channel_axis, elementwise_atol, stats_rtol, to_layout
+
+# Serial small-tensor kernels and the parallel planes/rows kernels (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 SHAPES_NCHW = {2: (37, 5), 3: (4, 3, 19), 4: (3, 5, 6, 7), 5: (2, 3, 4, 3, 5)}
 DTYPES = [np.float32, np.float64]

@@ -23,7 +23,10 @@ import pytest
 
 from fastbn import reference
 
-from conftest import LAYOUTS, B, F, _atol, _ref_backward, _x
+from _helpers import LAYOUTS, B, F, _atol, _ref_backward, _x
+
+# Serial small-tensor kernels and the parallel planes/rows kernels (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 
 EDGE_SHAPES = [
@@ -75,13 +78,19 @@ def test_integer_types_in_kernels_are_64_bit():
     counts float64 (exact to 2**53).
     """
     import numba
-    from fastbn.cpu import channels, planes, rows
+    from fastbn.cpu import channels, planes, rows, small
 
-    for shape, layout in (((2, 3, 4, 5), "NCHW"), ((2, 4, 5, 3), "NHWC")):
-        x = _x(shape)
-        _, m, s = F(x, layout=layout)
-        B(x, x, m, s, layout=layout)
-    kernels = [obj for mod in (planes, rows, channels) for obj in vars(mod).values()
+    saved = small.SMALL_SIZE
+    try:
+        for size in (saved, 0):  # 0: the parallel planes and rows kernels
+            small.SMALL_SIZE = size
+            for shape, layout in (((2, 3, 4, 5), "NCHW"), ((2, 4, 5, 3), "NHWC")):
+                x = _x(shape)
+                _, m, s = F(x, layout=layout)
+                B(x, x, m, s, layout=layout)
+    finally:
+        small.SMALL_SIZE = saved
+    kernels = [obj for mod in (planes, rows, channels, small) for obj in vars(mod).values()
                if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.signatures]
     assert len(kernels) >= 9
     from numba.core import compiler, typed_passes

@@ -30,6 +30,9 @@ from hypothesis import strategies as st
 import fastbn
 from fastbn import reference
 
+# Serial small-tensor kernels and the parallel planes/rows kernels (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 settings.register_profile("fastbn-ci", max_examples=40, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fastbn-long", max_examples=2000, deadline=None,

@@ -16,7 +16,7 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import elementwise_atol, stats_rtol, to_layout
+from _helpers import elementwise_atol, stats_rtol, to_layout
 
 SHAPE_NCHW = (6, 3, 4, 5)
 #: Child Pythons import this checkout's fastbn, wherever pytest was started.

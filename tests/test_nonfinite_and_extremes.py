@@ -17,7 +17,10 @@ The constant channel's ``y`` is compared exactly: ``x - mean`` is exactly 0 ther
 import numpy as np
 import pytest
 
-from conftest import DTYPES, LAYOUTS, B, F, S, _atol, _ref_forward, _x
+from _helpers import DTYPES, LAYOUTS, B, F, S, _atol, _ref_forward, _x
+
+# Serial small-tensor kernels and the parallel planes/rows kernels (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 
 def _put(x, layout, channel, value, index=1):

@@ -11,7 +11,10 @@ reference; ``dx`` combines three terms (``dy``, its mean, ``x_hat`` times the me
 import numpy as np
 import pytest
 
-from conftest import LAYOUTS, B, F, _atol, _ref_backward, _ref_forward, _x
+from _helpers import LAYOUTS, B, F, _atol, _ref_backward, _ref_forward, _x
+
+# Serial small-tensor kernels and the parallel planes/rows kernels (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 
 def _check_forward_out(x, out, layout="NCHW"):

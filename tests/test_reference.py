@@ -5,7 +5,7 @@ import pytest
 
 from fastbn import reference
 
-from conftest import channel_axis, to_layout
+from _helpers import channel_axis, to_layout
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])

@@ -14,7 +14,10 @@ import pytest
 import fastbn
 from fastbn import stages
 
-from conftest import elementwise_atol, to_layout
+from _helpers import elementwise_atol, to_layout
+
+# Serial small-tensor kernels and the parallel planes/rows kernels (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 LAYOUTS = ("NCHW", "NHWC")
 

@@ -9,7 +9,7 @@ is no rounding to allow for.
 import numpy as np
 import pytest
 
-from conftest import LAYOUTS, B, F, _ro, _x
+from _helpers import LAYOUTS, B, F, _ro, _x
 
 
 def _stateful_args(x):

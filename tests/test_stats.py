@@ -13,7 +13,10 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import U64, stats_rtol, to_layout
+from _helpers import U64, stats_rtol, to_layout
+
+# Serial small-tensor kernels and the parallel planes/rows kernels (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 
 def _bound(n, parts):

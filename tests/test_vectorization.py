@@ -3,7 +3,8 @@
 Numba cannot show the assembly of kernels loaded from its disk cache, so a subprocess
 compiles them afresh into an empty cache directory, runs every public pass once in float32
 for both memory orders (NCHW with planes long enough for the plane kernels, and short
-planes, which reduce as rows), and counts packed (ymm/zmm) floating-point instructions in each
+planes, which reduce as rows), through the serial small-tensor kernels and the parallel
+ones, and counts packed (ymm/zmm) floating-point instructions in each
 compiled kernel.  A loop that fails to vectorize (e.g. `range(lo, hi)` bounds Numba cannot
 prove, or a NaN-unsafe reduction) leaves a kernel with only scalar `ss`/`sd` arithmetic.
 """
@@ -18,8 +19,10 @@ import pytest
 
 PROBE = r"""
 import json, re, numba, numpy as np, fastbn
-from fastbn.cpu import planes, rows
-for shape, layout in (((2, 8, 16, 16), "NCHW"), ((2, 8, 4, 4), "NCHW"), ((4, 6, 6, 8), "NHWC")):
+from fastbn.cpu import planes, rows, small
+cases = (((2, 8, 16, 16), "NCHW"), ((2, 8, 4, 4), "NCHW"), ((4, 6, 6, 8), "NHWC"))
+for (shape, layout), small_size in [(case, size) for case in cases for size in (small.SMALL_SIZE, 0)]:
+    small.SMALL_SIZE = small_size  # 0: the parallel planes and rows kernels
     x = np.ones(shape, np.float32)
     for training in (True, False):
         y, mean, invstd = fastbn.batch_norm_forward(x, training=training, layout=layout,
@@ -28,7 +31,7 @@ for shape, layout in (((2, 8, 16, 16), "NCHW"), ((2, 8, 4, 4), "NCHW"), ((4, 6, 
         fastbn.batch_norm_backward(x, x, mean, invstd, training=training, layout=layout)
 packed = re.compile(r"\bv(?:add|sub|mul|fmadd\d*|fnmadd\d*|fmsub\d*)p[sd]\s[^\n]*%[yz]mm")
 counts = {}
-for module in (planes, rows):
+for module in (planes, rows, small):
     for name, kernel in vars(module).items():
         defined_here = getattr(getattr(kernel, "py_func", None), "__module__", None) == module.__name__
         if defined_here and hasattr(kernel, "inspect_asm") and kernel.signatures:

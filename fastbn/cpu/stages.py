@@ -13,7 +13,7 @@ from .. import dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import PLANES, batch_norm_geometry
 from ..stats import BackwardSums, Moments
-from . import channels, planes, plans, rows, views
+from . import channels, planes, plans, rows, small, views
 from ._jit import guarded
 
 # Every parallel launch goes through the thread/fork guard (see fastbn.cpu._jit).
@@ -39,8 +39,12 @@ def geometry(x, layout):
 
 def moments(x, geom):
     """Per-channel :class:`Moments` of ``x`` (float64 (C,)), one pass."""
-    xv = views.kernel_view(x, geom)
     num_channels = geom.kept
+    result = Moments(np.empty(num_channels), np.empty(num_channels), np.empty(num_channels))
+    if x.size <= small.SMALL_SIZE:
+        small.small_moments(views.block_view(x, geom), *result)
+        return result
+    xv = views.kernel_view(x, geom)
     if not plans.reduces_as_rows(xv, geom.family):
         shape, counts = plans.plane_partials(xv)
         part_mean, part_m2 = np.empty(shape), np.empty(shape)
@@ -61,7 +65,6 @@ def moments(x, geom):
         counts = np.concatenate(all_counts)
         part_mean = np.concatenate(all_means) if len(all_means) > 1 else all_means[0]
         part_m2 = np.concatenate(all_m2) if len(all_m2) > 1 else all_m2[0]
-    result = Moments(np.empty(num_channels), np.empty(num_channels), np.empty(num_channels))
     merge_partials(counts, part_mean, part_m2, *result)
     return result
 
@@ -139,11 +142,13 @@ def apply(x, coefficients, geom, out):
 
 
 def _apply_kernel(xv, yv, geom, center, scale, shift):
-    if geom.family == PLANES:
+    if xv.size <= small.SMALL_SIZE:
+        small.small_apply(xv.reshape(geom.view_shape), center, scale, shift, yv.reshape(geom.view_shape))
+    elif geom.family == PLANES:
         planes_apply(xv, center, scale, shift, plans.PLANE_BLOCK, yv)
-        return
-    for (xp, yp), expand in plans.row_pieces(xv, yv):
-        rows_apply(xp, expand(center), expand(scale), expand(shift), plans.rows_per_chunk(xp.shape[1]), yp)
+    else:
+        for (xp, yp), expand in plans.row_pieces(xv, yv):
+            rows_apply(xp, expand(center), expand(scale), expand(shift), plans.rows_per_chunk(xp.shape[1]), yp)
 
 
 # --------------------------------------------------------------------------- backward
@@ -151,10 +156,14 @@ def _apply_kernel(xv, yv, geom, center, scale, shift):
 @np.errstate(all="ignore")  # Inf/NaN data propagate as IEEE values, without warnings
 def backward_sums(dy, x, mean, geom):
     """Per-channel :class:`BackwardSums`: count, sum(dy) and sum(dy * (x - mean)), float64."""
+    num_channels = geom.kept
+    if x.size <= small.SMALL_SIZE:
+        result = BackwardSums(np.empty(num_channels), np.empty(num_channels), np.empty(num_channels))
+        small.small_backward_sums(views.block_view(dy, geom), views.block_view(x, geom), mean, *result)
+        return result
     xv = views.kernel_view(x, geom)
     dyv = views.kernel_view(dy, geom)
     mean = np.asarray(mean, dtype=np.float64)
-    num_channels = geom.kept
     count = np.full(num_channels, float(geom.count))
     if not plans.reduces_as_rows(xv, geom.family):
         shape, _ = plans.plane_partials(xv)
@@ -197,7 +206,11 @@ def backward_apply(dy, x, coefficients, geom, out):
     target = views.output_target(out, (dy, x), geom)
     dyv, xv, dxv = (views.kernel_view(a, geom) for a in (dy, x, target))
     c = coefficients
-    if geom.family == PLANES:
+    if x.size <= small.SMALL_SIZE:
+        shape = geom.view_shape
+        small.small_backward_apply(dyv.reshape(shape), xv.reshape(shape), c.center, c.dy_scale, c.x_scale,
+                                   c.shift, dxv.reshape(shape))
+    elif geom.family == PLANES:
         planes_backward_apply(dyv, xv, c.center, c.dy_scale, c.x_scale, c.shift, plans.PLANE_BLOCK, dxv)
     else:
         for (gp, xp, dp), expand in plans.row_pieces(dyv, xv, dxv):

@@ -27,6 +27,11 @@ def kernel_view(a, geometry):
     return ordered.reshape(geometry.outer, geometry.kept)
 
 
+def block_view(a, geometry):
+    """``a`` as the C-contiguous 3-D ``(outer, kept, inner)`` view, copied if not dense."""
+    return np.ascontiguousarray(_in_kernel_order(a, geometry)).reshape(geometry.view_shape)
+
+
 def as_dense(a, geometry):
     """``a`` itself when its bytes are dense in the kernels' order, else such a copy
     (logical shape), so that later views of it are free."""

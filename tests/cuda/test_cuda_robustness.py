@@ -22,7 +22,7 @@ if not (SIMULATOR or cuda.is_available()):
 import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
 
-from conftest import _atol, _x  # noqa: E402
+from _helpers import _atol, _x  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 
