@@ -30,12 +30,6 @@ def channel_grid(num_channels):
     return blocks(num_channels, threads), threads
 
 
-def merge_grid(num_channels, num_partials):
-    """(grid, block) of a per-channel merge of partials: one block per channel, with
-    enough warps for the partials and no more."""
-    return num_channels, min(launch_config.threads_per_block, WARP_SIZE * blocks(num_partials, WARP_SIZE))
-
-
 class ReductionPlan:
     """Grid, block and per-block share of a reduction over ``geometry``.
 
