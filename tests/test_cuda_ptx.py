@@ -8,6 +8,8 @@ launches it with (statistics float32/float64; eval passes running statistics; th
 stages accept (mean, var) pairs in the parameter, statistics or float64 dtype).
 """
 
+import re
+
 import numba
 import numpy as np
 import pytest
@@ -103,19 +105,31 @@ def test_reduction_kernels_compile_to_ptx(compile_ptx, dtype, finalize):
                     f64, f64, f64, *finish)
 
 
+def _divisions(ptx):
+    return len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)\b", ptx))
+
+
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_elementwise_kernels_compile_to_ptx(compile_ptx, dtype):
-    from fastbn.cuda.planes import planes_kernels
-    from fastbn.cuda.rows import rows_kernels
+    from fastbn.cuda.elementwise import elementwise_kernels
+    from fastbn.cuda.plans import UNROLL
 
     dtype = np.dtype(dtype)
+    p = policy(dtype)
     x = np.zeros(60, dtype)
-    vector = _vector(policy(dtype).compute)
-    planes, rows = planes_kernels(dtype), rows_kernels(dtype)
-    compile_ptx(planes.apply, x, 4, 5, vector, vector, vector, x)
-    compile_ptx(rows.apply, x, 4, vector, vector, vector, x)
-    compile_ptx(planes.backward_apply, x, x, 4, 5, vector, vector, vector, vector, x)
-    compile_ptx(rows.backward_apply, x, x, 4, vector, vector, vector, vector, x)
+    vector = _vector(p.compute)
+    kernels = elementwise_kernels(dtype)
+    # Integer divisions only set up the thread's cursors (a quotient and a remainder per
+    # cursor, plus the step's), none per element; NVVM compiles each 64-bit one to a
+    # 32-bit fast path plus the 64-bit fallback.
+    most = 2 * 2 * (UNROLL + 1)
+    ptx = compile_ptx(kernels.apply, x, 5, 4, vector, vector, vector, x)
+    assert _divisions(ptx) <= most, _divisions(ptx)
+    ptx = compile_ptx(kernels.backward_apply, x, x, 5, 4, vector, vector, vector, vector, x)
+    assert _divisions(ptx) <= most, _divisions(ptx)
+    par, stat = _vector(p.parameters), _vector(p.statistics)
+    ptx = compile_ptx(kernels.apply_eval, x, 5, 4, par, par, par, par, True, True, 1e-5, 1e38, stat, stat, x)
+    assert _divisions(ptx) <= most, _divisions(ptx)
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)

@@ -9,7 +9,7 @@ and any strides, negative ones included.
 import numpy as np
 from numba import cuda
 
-from .arrays import SIMULATOR, strided_view
+from .arrays import SIMULATOR
 from .launching import launch
 from .plans import elementwise_grid
 

@@ -7,7 +7,8 @@ call               launches                                         count
 =================  ===============================================  ========
 training forward   moments + merge + coefficients (+ running) ;     2
                    apply
-eval forward       coefficients ; apply                             2
+eval forward       coefficients (per block, in shared memory) +      1
+                   apply
 backward           sums + merge + dweight/dbias + coefficients ;    2
                    apply
 =================  ===============================================  ========
@@ -20,12 +21,12 @@ the stage-by-stage composition's.
 """
 
 from .. import dtypes
-from ..geometry import PLANES
 from . import channels, streams, views, workspace
 from .arrays import as_numba
-from .stages import (FLOAT64, _apply_kernel, _kernels, _launch, _new, _numba, _on_device_of, _partials,
-                     launch_moments, launch_sums)
+from .elementwise import MAX_DYNAMIC_SHARED, elementwise_kernels, eval_shared_bytes
 from .plans import ReductionPlan, channel_grid, elementwise_grid
+from .stages import (FLOAT64, _apply_kernel, _backward_apply_kernel, _launch, _new, _numba, _on_device_of,
+                     _partials, launch_moments, launch_sums, plane_size)
 
 
 def _vectors(caller, stream, name, number, num_channels, dtype):
@@ -43,10 +44,20 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     x, weight, bias, running_mean, running_var = _numba(x, weight, bias, running_mean, running_var)
     xf = views.kernel_input(x, geom, stream, caller)
     num_channels = geom.kept
-    center, scale, shift = _vectors(caller, stream, "forward.coefficients", 3, num_channels, policy.compute)
     saved = _new(caller, stream, 2, num_channels, policy.statistics)
     save_mean, save_invstd = _numba(*saved)
     big = dtypes.largest(policy.compute)
+    shared_bytes = eval_shared_bytes(num_channels, x.dtype)
+    if not training and shared_bytes <= MAX_DYNAMIC_SHARED:
+        native, target = views.output_target(as_numba(out), (xf,), geom, x.dtype, caller, stream)
+        # Absent optional vectors are placeholders of their dtype, read only under their flag.
+        _launch(elementwise_kernels(x.dtype).apply_eval, elementwise_grid(xf.size), stream,
+                xf, plane_size(geom), num_channels, running_mean, running_var,
+                running_mean if weight is None else weight, running_mean if bias is None else bias,
+                weight is not None, bias is not None, eps, big, save_mean, save_invstd, target,
+                shared_bytes=shared_bytes)
+        return views.finish_output(native, target, out, geom, stream), saved[0], saved[1]
+    center, scale, shift = _vectors(caller, stream, "forward.coefficients", 3, num_channels, policy.compute)
     # Absent optional vectors are placeholders of their dtype, read only under their flag.
     weight_ = scale if weight is None else weight
     bias_ = shift if bias is None else bias
@@ -59,7 +70,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                   center if running_mean is None else running_mean, center if running_var is None else running_var,
                   update, save_mean, save_invstd, center, scale, shift)
         launch_moments(xf, geom, plan, stream, partials, counters, moments, finish)
-    else:
+    else:  # too many channels for the one-launch eval's shared memory
         _launch(channels.forward_coefficients, channel_grid(num_channels), stream,
                 running_mean, running_mean, running_var, False, weight_, bias_,
                 weight is not None, bias is not None, eps, big, 0.0, center, center, False,
@@ -90,10 +101,7 @@ def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
     launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, sums, finish)
     if training:
         native, target = views.output_target(as_numba(out), (dyf, xf), geom, x.dtype, caller, stream)
-        kernel = _kernels(geom, x.dtype).backward_apply
-        shape_args = (geom.kept, geom.inner) if geom.family == PLANES else (geom.kept,)
-        _launch(kernel, elementwise_grid(xf.size), stream, dyf, xf, *shape_args, center, dy_scale, x_scale,
-                shift, target)
+        _backward_apply_kernel(dyf, xf, target, geom, x.dtype, stream, center, dy_scale, x_scale, shift)
     else:
         native, target = views.output_target(as_numba(out), (dyf,), geom, x.dtype, caller, stream)
         _apply_kernel(dyf, target, geom, x.dtype, stream, center, dy_scale, shift)

@@ -2,6 +2,6 @@
 watch launches: they replace :func:`launch`)."""
 
 
-def launch(kernel, grid, block, stream, *args):
-    """``kernel[grid, block, stream](*args)``: queued on ``stream``, never waited for."""
-    kernel[grid, block, stream](*args)
+def launch(kernel, grid, block, stream, *args, shared_bytes=0):
+    """``kernel[grid, block, stream, shared_bytes](*args)``: queued on ``stream``, never waited for."""
+    kernel[grid, block, stream, shared_bytes](*args)

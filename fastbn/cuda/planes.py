@@ -14,8 +14,6 @@ several blocks fills the GPU when there are few channels with many values
 channel already does.  A thread advances ``j`` by the block size and carries ``(n, s)``
 along with a subtraction loop instead of an integer division per value.
 
-Elementwise kernels run a grid-stride loop over the flat buffer, channel ``(i // S) % C``.
-
 Kernels are compiled per storage dtype (:func:`planes_kernels`), accumulating and
 computing in the dtypes of its :mod:`fastbn.dtypes` policy.
 """
@@ -31,8 +29,9 @@ from .channels import finish_moments, finish_sums
 from .merge import (MAX_WARPS, block_merge, block_sum2, finished_last, merge_channel_partials, sum_channel_partials,
                     thread_partial)
 
-#: The four kernels of one family, compiled for one storage dtype.
-FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_sums", "apply", "backward_apply"])
+#: The reduction kernels of one family, compiled for one storage dtype (the elementwise
+#: kernels serve both families: :mod:`fastbn.cuda.elementwise`).
+FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_sums"])
 
 
 @functools.cache
@@ -152,24 +151,4 @@ def planes_kernels(dtype):
                             invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale, x_scale,
                             shift)
 
-    @cuda.jit
-    def planes_apply(x, num_channels, plane_size, center, scale, shift, y):
-        """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = (i // plane_size) % num_channels
-            y[i] = (comp(x[i]) - center[c]) * scale[c] + shift[c]
-            i += stride
-
-    @cuda.jit
-    def planes_backward_apply(dy, x, num_channels, plane_size, center, dy_scale, x_scale, shift, dx):
-        """dx = dy * dy_scale[c] + (x - center[c]) * x_scale[c] + shift[c] (compute dtype)."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = (i // plane_size) % num_channels
-            dx[i] = comp(dy[i]) * dy_scale[c] + (comp(x[i]) - center[c]) * x_scale[c] + shift[c]
-            i += stride
-
-    return FamilyKernels(planes_moments, planes_backward_sums, planes_apply, planes_backward_apply)
+    return FamilyKernels(planes_moments, planes_backward_sums)

@@ -14,7 +14,6 @@ Threads of a channel are merged with a shared-memory tree over ``threadIdx.y`` (
 shuffles would merge different channels here) and each block writes one float64
 partial per channel, merged by a second kernel as for planes.
 
-Elementwise kernels run a grid-stride loop over the flat buffer, channel ``i % C``.
 Kernels are compiled per storage dtype (:func:`rows_kernels`).
 """
 
@@ -144,24 +143,4 @@ def rows_kernels(dtype):
                             invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale, x_scale,
                             shift)
 
-    @cuda.jit
-    def rows_apply(x, num_channels, center, scale, shift, y):
-        """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = i % num_channels
-            y[i] = (comp(x[i]) - center[c]) * scale[c] + shift[c]
-            i += stride
-
-    @cuda.jit
-    def rows_backward_apply(dy, x, num_channels, center, dy_scale, x_scale, shift, dx):
-        """dx = dy * dy_scale[c] + (x - center[c]) * x_scale[c] + shift[c] (compute dtype)."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = i % num_channels
-            dx[i] = comp(dy[i]) * dy_scale[c] + (comp(x[i]) - center[c]) * x_scale[c] + shift[c]
-            i += stride
-
-    return FamilyKernels(rows_moments, rows_backward_sums, rows_apply, rows_backward_apply)
+    return FamilyKernels(rows_moments, rows_backward_sums)

@@ -31,6 +31,7 @@ from ..geometry import PLANES, batch_norm_geometry
 from ..stats import BackwardSums, Moments
 from . import channels, launching, streams, views, workspace
 from .arrays import as_numba, empty, strided_view
+from .elementwise import elementwise_kernels
 from .planes import planes_kernels
 from .plans import ReductionPlan, channel_grid, elementwise_grid
 from .rows import rows_kernels
@@ -86,9 +87,9 @@ def _partials(caller, stream, name, number, num_channels, num_partials):
     return parts, counters
 
 
-def _launch(kernel, config, stream, *args):
+def _launch(kernel, config, stream, *args, shared_bytes=0):
     grid, block = config
-    launching.launch(kernel, grid, block, stream, *args)
+    launching.launch(kernel, grid, block, stream, *args, shared_bytes=shared_bytes)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -212,13 +213,21 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, eps,
     return ForwardCoefficients(*coefficients, caller if reuse_mean else new_mean, save_invstd)
 
 
+def plane_size(geom):
+    """``S`` of the elementwise kernels' index space: the plane size, 1 for rows."""
+    return geom.inner if geom.family == PLANES else 1
+
+
 def _apply_kernel(xf, yf, geom, dtype, stream, center, scale, shift):
     """yf = (xf - center[c]) * scale[c] + shift[c] over flat buffers."""
-    kernel = _kernels(geom, dtype).apply
-    if geom.family == PLANES:
-        _launch(kernel, elementwise_grid(xf.size), stream, xf, geom.kept, geom.inner, center, scale, shift, yf)
-    else:
-        _launch(kernel, elementwise_grid(xf.size), stream, xf, geom.kept, center, scale, shift, yf)
+    _launch(elementwise_kernels(np.dtype(dtype)).apply, elementwise_grid(xf.size), stream,
+            xf, plane_size(geom), geom.kept, center, scale, shift, yf)
+
+
+def _backward_apply_kernel(dyf, xf, dxf, geom, dtype, stream, center, dy_scale, x_scale, shift):
+    """dxf = dyf * dy_scale[c] + (xf - center[c]) * x_scale[c] + shift[c] over flat buffers."""
+    _launch(elementwise_kernels(np.dtype(dtype)).backward_apply, elementwise_grid(xf.size), stream,
+            dyf, xf, plane_size(geom), geom.kept, center, dy_scale, x_scale, shift, dxf)
 
 
 @_on_device_of(lambda x, *rest: x)
@@ -301,12 +310,7 @@ def backward_apply(dy, x, coefficients, geom, out):
     dy, x = _numba(dy, x)
     dyf, xf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller)
     native, target = views.output_target(as_numba(out), (dyf, xf), geom, x.dtype, caller, stream)
-    c = _numba(*coefficients)
-    kernel = _kernels(geom, x.dtype).backward_apply
-    if geom.family == PLANES:
-        _launch(kernel, elementwise_grid(xf.size), stream, dyf, xf, geom.kept, geom.inner, *c, target)
-    else:
-        _launch(kernel, elementwise_grid(xf.size), stream, dyf, xf, geom.kept, *c, target)
+    _backward_apply_kernel(dyf, xf, target, geom, x.dtype, stream, *_numba(*coefficients))
     return views.finish_output(native, target, out, geom, stream)
 
 

@@ -36,10 +36,10 @@ def launches(monkeypatch):
     seen = []
     real = launching.launch
 
-    def recording(kernel, grid, block, stream, *args):
+    def recording(kernel, grid, block, stream, *args, **kwargs):
         name = getattr(kernel, "py_func", kernel).__name__
         seen.append((name, stream))
-        real(kernel, grid, block, stream, *args)
+        real(kernel, grid, block, stream, *args, **kwargs)
 
     monkeypatch.setattr(launching, "launch", recording)
     return seen
@@ -219,4 +219,27 @@ def test_launches_per_call(rng, launches, layout):
 
 
 #: Launches per public call on dense input (several blocks per channel).
-LAUNCHES = {"training forward": 2, "eval forward": 2, "backward": 2}
+LAUNCHES = {"training forward": 2, "eval forward": 1, "backward": 2}
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_elementwise_cursors_advance_across_planes_and_channels(rng, layout):
+    """One block of one warp: each thread's four cursors loop several times (a step of
+    128 values crosses planes of 30 and wraps the 4 channels), then finish in the tail."""
+    case = _case(rng, layout, np.float64)
+    d = _device(case)
+    with launch_config.override(threads_per_block=32, max_blocks=1, values_per_block=1 << 20):
+        y, mean, invstd, = fastbn.batch_norm_forward(d["x"], d["weight"], d["bias"], layout=layout)
+        dx, _, _ = fastbn.batch_norm_backward(d["dy"], d["x"], mean, invstd, d["weight"], layout=layout)
+        y_eval, _, _ = fastbn.batch_norm_forward(d["x"], d["weight"], d["bias"], running_mean=d["running_mean"],
+                                                 running_var=d["running_var"], training=False, layout=layout)
+    y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(case["x"], case["weight"], case["bias"],
+                                                               layout=layout)
+    dx_ref, _, _ = reference.batch_norm_backward(case["dy"], case["x"], mean_ref, invstd_ref, case["weight"],
+                                                 layout=layout)
+    rm, rv = case["running_mean"].copy(), case["running_var"].copy()
+    y_eval_ref, _, _ = reference.batch_norm_forward(case["x"], case["weight"], case["bias"], running_mean=rm,
+                                                    running_var=rv, training=False, layout=layout)
+    np.testing.assert_allclose(y.copy_to_host(), y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx.copy_to_host(), dx_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(y_eval.copy_to_host(), y_eval_ref, rtol=1e-12, atol=1e-12)
