@@ -1,11 +1,11 @@
 """Device arrays at the backend's boundary: recognising them, low-level views of their
-memory, and handing results back as the caller's kind of array.
+memory, and allocating results as the caller's kind of array.
 
 Callers may pass numba device arrays or anything exposing
 ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors).  Inputs become
-zero-copy numba views (:func:`as_numba`); results, always numba device arrays, go
-back through :func:`like_caller` as a CuPy array for CuPy input, a torch tensor for
-torch input, zero-copy.  Under Numba's CUDA simulator device arrays wrap NumPy arrays
+zero-copy numba views (:func:`as_numba`); results are allocated by the caller's library
+(:func:`empty`: torch for torch input, CuPy for CuPy, numba otherwise) and the kernels
+write them through numba views.  Under Numba's CUDA simulator device arrays wrap NumPy arrays
 and expose no ``__cuda_array_interface__``; the two functions that build views on raw
 memory (:func:`strided_view`, :func:`data_pointer`) have a simulator branch, the rest
 is one code path.
@@ -70,21 +70,6 @@ def empty(caller, shape, dtype, strides=None, stream=0):
     for extent in shape:
         size *= extent
     return strided_view(cuda.device_array(size, dtype=dtype, stream=stream), shape, tuple(strides))
-
-
-def like_caller(result, caller):
-    """The numba device array ``result`` as the kind of array ``caller`` is, zero-copy
-    (arrays already of that kind pass through)."""
-    package = package_of(caller)
-    if package_of(result) == package:
-        return result
-    if package == "cupy":
-        import cupy
-        return cupy.asarray(result)
-    if package == "torch":
-        import torch
-        return torch.as_tensor(result, device=caller.device)
-    return result
 
 
 def strided_view(base, shape, strides):

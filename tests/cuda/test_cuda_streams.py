@@ -243,3 +243,22 @@ def test_elementwise_cursors_advance_across_planes_and_channels(rng, layout):
     np.testing.assert_allclose(y.copy_to_host(), y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx.copy_to_host(), dx_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(y_eval.copy_to_host(), y_eval_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_eval_with_too_many_channels_for_shared_memory_takes_two_launches(rng, launches):
+    """float64 coefficients of 2049 channels exceed 48 KiB of shared memory: the eval
+    forward computes them in a kernel of their own first, with the same result."""
+    c = 2049
+    x = rng.standard_normal((2, c))
+    weight, bias = 1 + rng.random(c), rng.standard_normal(c)
+    rm, rv = rng.standard_normal(c), 0.5 + rng.random(c)
+    with launch_config.override(threads_per_block=1024, max_blocks=2):
+        y, mean, invstd = fastbn.batch_norm_forward(
+            cuda.to_device(x), cuda.to_device(weight), cuda.to_device(bias), running_mean=cuda.to_device(rm),
+            running_var=cuda.to_device(rv), training=False)
+    assert [name for name, _ in launches] == ["forward_coefficients", "apply"]
+    y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(x, weight, bias, running_mean=rm.copy(),
+                                                               running_var=rv.copy(), training=False)
+    np.testing.assert_allclose(y.copy_to_host(), y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(mean.copy_to_host(), mean_ref)
+    np.testing.assert_allclose(invstd.copy_to_host(), invstd_ref, rtol=1e-15)
