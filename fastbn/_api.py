@@ -117,6 +117,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     b = backend.module
     geometry = b.geometry(x, layout)
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
+    fused = getattr(b, "fused_forward", None)  # the stages below in fewer launches (CUDA)
+    if fused is not None:
+        return fused(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
+                     geometry, out, dtype)
     if training:
         m = b.moments(x, geometry)
         coefficients = b.forward_coefficients(
@@ -163,6 +167,9 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     b = backend.module
     geometry = b.geometry(x, layout)
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
+    fused = getattr(b, "fused_backward", None)  # the stages below in fewer launches (CUDA)
+    if fused is not None:
+        return fused(dy, x, save_mean, save_invstd, weight, bool(training), geometry, out, dtype)
     sums = b.backward_sums(dy, x, save_mean, geometry)
     dweight, dbias = b.parameter_gradients(sums, save_invstd, dtype)
     coefficients = b.backward_coefficients(sums, save_mean, save_invstd, weight, bool(training), dtype)

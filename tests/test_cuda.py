@@ -53,3 +53,28 @@ def test_host_calls_never_import_cuda():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_bench_gpu_plans_and_parses_without_a_gpu():
+    """The GPU benchmark's pure-Python parts: its cases, L2 rotation and arguments."""
+    from fastbn.cuda import bench_gpu
+
+    cases = bench_gpu.plan_cases()
+    shapes = {c.shape for c in cases}
+    assert shapes == set(bench_gpu.SHAPES)
+    assert {c.dtype for c in cases} == {"float32", "float16"} and {c.layout for c in cases} == {"NCHW", "NHWC"}
+    # Rank-2 shapes have one memory order: once per dtype; rank-4 in both layouts.
+    assert len(cases) == 2 * (2 * 5 + 1)
+    big = next(c for c in cases if c.shape == (64, 64, 112, 112) and c.dtype == "float32")
+    assert big.nbytes > bench_gpu.DEFAULT_L2_BYTES
+    for c in cases:  # the rotated sets of one case exceed the L2 between two uses of one set
+        assert c.input_sets >= 2 and (c.input_sets - 1) * 3 * c.nbytes >= 2 * bench_gpu.DEFAULT_L2_BYTES \
+            or c.input_sets == bench_gpu.MAX_INPUT_SETS
+    assert bench_gpu.bandwidth(big, "copy", 1.0) == 2 * big.nbytes / 1e9
+    args = bench_gpu.parse_args(["--check", "--quick", "--iters", "5"])
+    assert args.check and args.quick and args.iters == 5 and args.warmup >= 20
+    with pytest.raises(SystemExit):
+        bench_gpu.parse_args(["--iters", "0"])
+    result = subprocess.run([sys.executable, "-m", "fastbn.cuda.bench_gpu", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--check" in result.stdout, result.stderr

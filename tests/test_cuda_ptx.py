@@ -8,6 +8,8 @@ launches it with (statistics float32/float64; eval passes running statistics; th
 stages accept (mean, var) pairs in the parameter, statistics or float64 dtype).
 """
 
+import re
+
 import numba
 import numpy as np
 import pytest
@@ -57,28 +59,77 @@ def _vector(dtype):
     return np.zeros(4, dtype)
 
 
+def _forward_finish(dtype, finalize):
+    """The reduction's finishing arguments: placeholders (the moments stage) or the
+    fused training forward's (weight, bias, running statistics, saved statistics,
+    coefficients), as :mod:`fastbn.cuda.stages` and :mod:`fastbn.cuda.fused` pass them."""
+    p = policy(dtype)
+    if not finalize:
+        f = _vector(np.float64)
+        return (False, f, f, False, False, 1.0, 1.0, 0.0, f, f, False, f, f, f, f, f)
+    par, stat, comp = _vector(p.parameters), _vector(p.statistics), _vector(p.compute)
+    return (True, par, par, True, True, 1e-5, 1e38, 0.1, par, par, True, stat, stat, comp, comp, comp)
+
+
+def _backward_finish(dtype, finalize, mean):
+    p = policy(dtype)
+    if not finalize:
+        f = _vector(np.float64)
+        return (False, f, f, False, False, 1.0, f, f, f, f, f, f)
+    par, comp = _vector(p.parameters), _vector(p.compute)
+    return (True, _vector(mean), par, True, True, 1e38, par, par, comp, comp, comp, comp)
+
+
+@pytest.mark.parametrize("finalize", [False, True], ids=["stage", "fused"])
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
-def test_family_kernels_compile_to_ptx(compile_ptx, dtype):
+def test_reduction_kernels_compile_to_ptx(compile_ptx, dtype, finalize):
     from fastbn.cuda.planes import planes_kernels
     from fastbn.cuda.rows import rows_kernels
 
     dtype = np.dtype(dtype)
-    compute = policy(dtype).compute
     x = np.zeros(60, dtype)
     partials = np.zeros((4, 3))
-    vector = _vector(compute)
+    counters, f64 = np.zeros(4, np.int32), _vector(np.float64)
     planes, rows = planes_kernels(dtype), rows_kernels(dtype)
-
-    ptx = compile_ptx(planes.moments, x, 4, 5, 3, partials, partials, partials)
+    finish = _forward_finish(dtype, finalize)
+    ptx = compile_ptx(planes.moments, x, 4, 5, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
     assert "shfl.sync.down" in ptx  # the warp merge uses shuffles
-    compile_ptx(rows.moments, x, 4, 3, partials, partials, partials)
-    compile_ptx(planes.apply, x, 4, 5, vector, vector, vector, x)
-    compile_ptx(rows.apply, x, 4, vector, vector, vector, x)
-    compile_ptx(planes.backward_apply, x, x, 4, 5, vector, vector, vector, vector, x)
-    compile_ptx(rows.backward_apply, x, x, 4, vector, vector, vector, vector, x)
+    assert "atom.global.add" in ptx and "membar.gl" in ptx  # the last-block merge
+    ptx = compile_ptx(rows.moments, x, 4, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
+    assert "atom.global.add" in ptx
     for mean in STATISTICS:
-        compile_ptx(planes.backward_sums, x, x, _vector(mean), 4, 5, 3, partials, partials)
-        compile_ptx(rows.backward_sums, x, x, _vector(mean), 4, 3, partials, partials)
+        finish = _backward_finish(dtype, finalize, mean)
+        compile_ptx(planes.backward_sums, x, x, _vector(mean), 4, 5, 3, partials, partials, counters,
+                    f64, f64, f64, *finish)
+        compile_ptx(rows.backward_sums, x, x, _vector(mean), 4, 3, partials, partials, counters,
+                    f64, f64, f64, *finish)
+
+
+def _divisions(ptx):
+    return len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)\b", ptx))
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_elementwise_kernels_compile_to_ptx(compile_ptx, dtype):
+    from fastbn.cuda.elementwise import elementwise_kernels
+    from fastbn.cuda.plans import UNROLL
+
+    dtype = np.dtype(dtype)
+    p = policy(dtype)
+    x = np.zeros(60, dtype)
+    vector = _vector(p.compute)
+    kernels = elementwise_kernels(dtype)
+    # Integer divisions only set up the thread's cursors (a quotient and a remainder per
+    # cursor, plus the step's), none per element; NVVM compiles each 64-bit one to a
+    # 32-bit fast path plus the 64-bit fallback.
+    most = 2 * 2 * (UNROLL + 1)
+    ptx = compile_ptx(kernels.apply, x, 5, 4, vector, vector, vector, x)
+    assert _divisions(ptx) <= most, _divisions(ptx)
+    ptx = compile_ptx(kernels.backward_apply, x, x, 5, 4, vector, vector, vector, vector, x)
+    assert _divisions(ptx) <= most, _divisions(ptx)
+    par, stat = _vector(p.parameters), _vector(p.statistics)
+    ptx = compile_ptx(kernels.apply_eval, x, 5, 4, par, par, par, par, True, True, 1e-5, 1e38, stat, stat, x)
+    assert _divisions(ptx) <= most, _divisions(ptx)
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
@@ -106,12 +157,19 @@ def test_channel_kernels_compile_to_ptx(compile_ptx, dtype):
 
 
 def test_merge_kernels_compile_to_ptx(compile_ptx):
-    from fastbn.cuda import channels, merge
+    from fastbn.cuda import channels
 
-    partials, f64 = np.zeros((4, 3)), _vector(np.float64)
-    compile_ptx(merge.merge_partials, partials, partials, partials, f64, f64, f64)
-    compile_ptx(merge.sum_partials, partials, partials, 6.0, f64, f64, f64)
+    f64 = _vector(np.float64)
     compile_ptx(channels.merge_moments, *[f64] * 9)
     compile_ptx(channels.merge_sums, *[f64] * 9)
     compile_ptx(channels.mean_var, f64, f64, f64, False, f64, f64)
     compile_ptx(channels.inverse_std, f64, f64, 1e-5, f64)
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES + [np.int32])
+def test_copy_and_zero_kernels_compile_to_ptx(compile_ptx, dtype):
+    from fastbn.cuda import copies, workspace
+
+    a = np.zeros((1, 2, 3, 4, 5), dtype)
+    compile_ptx(copies.copy5, a, a)
+    compile_ptx(workspace._zero, np.zeros(8, dtype))

@@ -8,12 +8,19 @@ device arrays, CuPy arrays, PyTorch CUDA tensors: anything exposing
 ``__cuda_array_interface__``).  Imported lazily, on the first device array, so
 ``import fastbn`` needs no GPU.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)
 the same kernels run on the CPU, for testing.
+
+Every launch goes to the caller's stream (torch's or CuPy's current stream; for numba
+arrays the one set by :func:`stream`, else numba's default stream) on the device the
+data lives on, and no call waits on the host (:mod:`~fastbn.cuda.streams`).
 """
 
 from numba import cuda as _cuda
 
 from .arrays import SIMULATOR
 from .config import LaunchConfig, launch_config
+from .fused import backward as fused_backward
+from .fused import forward as fused_forward
+from .streams import stream
 from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
                      forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
                      moments_var, parameter_gradients)
@@ -24,7 +31,8 @@ if SIMULATOR:
 
 __all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
            "forward_coefficients", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
-           "moments_var", "parameter_gradients", "launch_config", "LaunchConfig", "describe", "require_gpu"]
+           "moments_var", "parameter_gradients", "fused_forward", "fused_backward", "launch_config", "stream",
+           "LaunchConfig", "describe", "require_gpu"]
 
 
 def describe():

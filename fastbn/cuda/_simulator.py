@@ -36,7 +36,8 @@ from numba.np import numpy_support
 
 #: fastbn modules whose functions run on the device.
 KERNEL_MODULES = ("fastbn.cuda.merge", "fastbn.cuda.planes", "fastbn.cuda.rows",
-                  "fastbn.cuda.channels")
+                  "fastbn.cuda.channels", "fastbn.cuda.copies", "fastbn.cuda.workspace",
+                  "fastbn.cuda.elementwise")
 
 WARP_SIZE = 32
 #: A lane that waits longer than this at a shuffle means a lane never arrived (a bug):
@@ -81,6 +82,8 @@ def _shared_array(shared, shape, dtype):
     by the caller's file and line."""
     if isinstance(dtype, types.Type):
         dtype = numpy_support.as_dtype(dtype)
+    else:  # a NumPy scalar type (np.float32), which the simulator's dynamic branch cannot size
+        dtype = np.dtype(dtype)
     if shape == 0:  # dynamic shared memory: one preallocated buffer, nothing to race on
         return _simulator_shared_array(shared, shape, dtype)
     caller = sys._getframe(1)

@@ -1,11 +1,11 @@
 """Device arrays at the backend's boundary: recognising them, low-level views of their
-memory, and handing results back as the caller's kind of array.
+memory, and allocating results as the caller's kind of array.
 
 Callers may pass numba device arrays or anything exposing
 ``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors).  Inputs become
-zero-copy numba views (:func:`as_numba`); results, always numba device arrays, go
-back through :func:`like_caller` as a CuPy array for CuPy input, a torch tensor for
-torch input, zero-copy.  Under Numba's CUDA simulator device arrays wrap NumPy arrays
+zero-copy numba views (:func:`as_numba`); results are allocated by the caller's library
+(:func:`empty`: torch for torch input, CuPy for CuPy, numba otherwise) and the kernels
+write them through numba views.  Under Numba's CUDA simulator device arrays wrap NumPy arrays
 and expose no ``__cuda_array_interface__``; the two functions that build views on raw
 memory (:func:`strided_view`, :func:`data_pointer`) have a simulator branch, the rest
 is one code path.
@@ -19,23 +19,57 @@ from numba import cuda
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
 
+def package_of(a):
+    """The top-level package of ``a``'s type: "torch", "cupy", "numba", ..."""
+    return type(a).__module__.partition(".")[0]
+
+
 def as_numba(a):
-    """``a`` as a numba device array sharing its memory (None passes through)."""
+    """``a`` as a numba device array sharing its memory (None passes through).
+
+    ``sync=False``: the interface's stream is the caller's, which fastbn launches on
+    anyway (:mod:`fastbn.cuda.streams`), so waiting for it on the host is never needed."""
     if a is None or cuda.devicearray.is_cuda_ndarray(a):
         return a
-    return cuda.as_cuda_array(a)
+    return cuda.as_cuda_array(a, sync=False)
 
 
-def like_caller(result, caller):
-    """The numba device array ``result`` as the kind of array ``caller`` is, zero-copy."""
-    package = type(caller).__module__.partition(".")[0]
-    if package == "cupy":
-        import cupy
-        return cupy.asarray(result)
+_TORCH_DTYPES = {}
+
+
+def _torch_dtype(torch, dtype):
+    if not _TORCH_DTYPES:
+        _TORCH_DTYPES.update({"float16": torch.float16, "float32": torch.float32, "float64": torch.float64})
+    return _TORCH_DTYPES[np.dtype(dtype).name]
+
+
+def empty(caller, shape, dtype, strides=None, stream=0):
+    """An uninitialized device array of ``caller``'s kind (torch, CuPy, else numba) on
+    its device, from that library's allocator (torch's and CuPy's pools are stream-ordered
+    and free of per-call ``cuMemAlloc``); ``strides`` in bytes (default C order)."""
+    shape = tuple(shape)
+    dtype = np.dtype(dtype)
+    if strides is None:
+        strides, step = [], dtype.itemsize
+        for extent in reversed(shape):
+            strides.insert(0, step)
+            step *= max(extent, 1)
+    package = package_of(caller)
     if package == "torch":
         import torch
-        return torch.as_tensor(result, device=caller.device)
-    return result
+        return torch.empty_strided(shape, tuple(s // dtype.itemsize for s in strides),
+                                   dtype=_torch_dtype(torch, dtype), device=caller.device)
+    if package == "cupy":
+        import cupy
+        with cupy.cuda.Device(caller.device.id):
+            size = 1
+            for extent in shape:
+                size *= extent
+            return cupy.ndarray(shape, dtype, memptr=cupy.cuda.alloc(size * dtype.itemsize), strides=tuple(strides))
+    size = 1
+    for extent in shape:
+        size *= extent
+    return strided_view(cuda.device_array(size, dtype=dtype, stream=stream), shape, tuple(strides))
 
 
 def strided_view(base, shape, strides):
@@ -54,11 +88,6 @@ def data_pointer(a):
 def flat(a):
     """The 1-D view, in memory order, of an array dense in some axis order."""
     return strided_view(a, (a.size,), (a.dtype.itemsize,))
-
-
-def new_flat(size, dtype):
-    """An uninitialized 1-D device array."""
-    return cuda.device_array(size, dtype=dtype)
 
 
 def overlaps(a, b):

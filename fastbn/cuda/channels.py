@@ -113,3 +113,39 @@ def inverse_std(count, m2, eps, invstd):
     if c >= invstd.shape[0]:
         return
     invstd[c] = 1.0 / math.sqrt(_variance(count, m2, c) + eps)
+
+
+@cuda.jit(device=True)
+def finish_moments(c, n, mean, m2, out_n, out_mean, out_m2, finalize, weight, bias, use_weight, use_bias, eps,
+                   big, momentum, running_mean, running_var, update_running, save_mean, save_invstd,
+                   center, scale, shift):
+    """Store channel ``c``'s merged float64 moments and, when ``finalize``, what
+    :func:`forward_coefficients` computes from them (the same algebra, in the thread that
+    merged them: the reduction kernel's last block, so a training forward needs no
+    separate coefficients launch).  Without ``finalize`` the other arguments are
+    placeholders, never read."""
+    out_n[c] = n
+    out_mean[c] = mean
+    out_m2[c] = m2
+    if finalize:
+        var = m2 / n
+        if update_running:
+            running_update(c, mean, var, n, momentum, running_mean, running_var)
+        forward_channel(c, mean, var, weight, bias, use_weight, use_bias, eps, big,
+                        save_mean, save_invstd, center, scale, shift)
+
+
+@cuda.jit(device=True)
+def finish_sums(c, count, sum_dy, sum_dy_xmu, out_count, out_sum_dy, out_sum_dy_xmu, finalize, mean, invstd,
+                weight, use_weight, training, big, dweight, dbias, center, dy_scale, x_scale, shift):
+    """Store channel ``c``'s backward sums and, when ``finalize``, the parameter gradients
+    and the dx coefficients (:func:`weight_bias_gradients`, :func:`backward_coefficients`)
+    from them, in the reduction's last block.  Placeholders when not ``finalize``."""
+    out_count[c] = count
+    out_sum_dy[c] = sum_dy
+    out_sum_dy_xmu[c] = sum_dy_xmu
+    if finalize:
+        s = np.float64(invstd[c])
+        parameter_gradients(c, sum_dy, sum_dy_xmu, s, dweight, dbias)
+        backward_channel(c, np.float64(count), sum_dy, sum_dy_xmu, np.float64(mean[c]), s, weight, use_weight,
+                         training, big, center, dy_scale, x_scale, shift)

@@ -6,7 +6,8 @@ thread's float64 ``(count, mean, M2)`` by :func:`fastbn.algebra.shifted_moments`
 division per value, as a per-element Welford update would need).  Thread partials are
 merged with :func:`fastbn.algebra.chan_merge`: within a warp by ``shfl_down_sync``,
 across the warps of a block through shared memory, and across the blocks of a channel
-by :func:`merge_partials`.  Every merge order is fixed, so results are deterministic.
+by the last of them to finish (:func:`finished_last`, :func:`merge_channel_partials`).
+Every merge order is fixed, so results are deterministic.
 Merges run in float64 whatever the accumulator: they are a few operations per thread,
 and float64 partials keep the cross-block merge exact enough for float32 accumulation
 (float16 inputs) too.  The backward sums reduce the same way, by addition.
@@ -162,50 +163,47 @@ def column_sum2(a, b, shared_a, shared_b):
     return shared_a[slot], shared_b[slot]
 
 
-@cuda.jit
-def merge_partials(part_n, part_mean, part_m2, count, mean, m2):
-    """Merge per-block partials into per-channel (count, mean, M2).
+@cuda.jit(device=True)
+def finished_last(counters, slot, expected, flag):
+    """True, in every thread of the block, when this block is the last of ``expected``
+    blocks sharing ``counters[slot]`` to finish; that block also sets the counter back
+    to 0 for the next call.  Every thread must call it, after its block's partials are
+    written: thread 0 fences them (visible to the whole grid) before taking a ticket, so
+    the last block sees every other block's partials.  ``flag``: an int32 shared array."""
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        cuda.threadfence()
+        ticket = cuda.atomic.add(counters, slot, 1)
+        flag[0] = 0
+        if ticket == expected - 1:
+            counters[slot] = 0
+            flag[0] = 1
+    cuda.syncthreads()
+    return flag[0] == 1
 
-    part_n, part_mean, part_m2: (C, P) float64; count, mean, m2: (C,) float64 outputs.
-    Grid: one 1-D block per channel (``blockIdx.x``).
-    """
-    shared_n = cuda.shared.array(MAX_WARPS, np.float64)
-    shared_mean = cuda.shared.array(MAX_WARPS, np.float64)
-    shared_m2 = cuda.shared.array(MAX_WARPS, np.float64)
-    c = cuda.blockIdx.x
+
+@cuda.jit(device=True)
+def merge_channel_partials(c, part_n, part_mean, part_m2, first, step):
+    """This thread's chan-merge of channel ``c``'s partials ``first, first + step, ...``
+    (fixed order: deterministic)."""
     n = 0.0
     m = 0.0
     s = 0.0
-    p = cuda.threadIdx.x
+    p = first
     while p < part_n.shape[1]:
         n, m, s = chan_merge(n, m, s, part_n[c, p], part_mean[c, p], part_m2[c, p])
-        p += cuda.blockDim.x
-    n, m, s = block_merge(n, m, s, shared_n, shared_mean, shared_m2)
-    if cuda.threadIdx.x == 0:
-        count[c] = n
-        mean[c] = m
-        m2[c] = s
+        p += step
+    return n, m, s
 
 
-@cuda.jit
-def sum_partials(part_a, part_b, values, count, sum_a, sum_b):
-    """Per-channel totals of two per-block partial sums over ``values`` values each.
-
-    part_a, part_b: (C, P) float64; count, sum_a, sum_b: (C,) float64 outputs (count
-    set to ``values``).  Grid: one 1-D block per channel.
-    """
-    shared_a = cuda.shared.array(MAX_WARPS, np.float64)
-    shared_b = cuda.shared.array(MAX_WARPS, np.float64)
-    c = cuda.blockIdx.x
+@cuda.jit(device=True)
+def sum_channel_partials(c, part_a, part_b, first, step):
+    """This thread's sums of channel ``c``'s partials ``first, first + step, ...``."""
     a = 0.0
     b = 0.0
-    p = cuda.threadIdx.x
+    p = first
     while p < part_a.shape[1]:
         a += part_a[c, p]
         b += part_b[c, p]
-        p += cuda.blockDim.x
-    a, b = block_sum2(a, b, shared_a, shared_b)
-    if cuda.threadIdx.x == 0:
-        count[c] = values
-        sum_a[c] = a
-        sum_b[c] = b
+        p += step
+    return a, b

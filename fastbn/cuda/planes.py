@@ -14,8 +14,6 @@ several blocks fills the GPU when there are few channels with many values
 channel already does.  A thread advances ``j`` by the block size and carries ``(n, s)``
 along with a subtraction loop instead of an integer division per value.
 
-Elementwise kernels run a grid-stride loop over the flat buffer, channel ``(i // S) % C``.
-
 Kernels are compiled per storage dtype (:func:`planes_kernels`), accumulating and
 computing in the dtypes of its :mod:`fastbn.dtypes` policy.
 """
@@ -27,10 +25,13 @@ import numpy as np
 from numba import cuda
 
 from .. import dtypes
-from .merge import MAX_WARPS, block_merge, block_sum2, thread_partial
+from .channels import finish_moments, finish_sums
+from .merge import (MAX_WARPS, block_merge, block_sum2, finished_last, merge_channel_partials, sum_channel_partials,
+                    thread_partial)
 
-#: The four kernels of one family, compiled for one storage dtype.
-FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_sums", "apply", "backward_apply"])
+#: The reduction kernels of one family, compiled for one storage dtype (the elementwise
+#: kernels serve both families: :mod:`fastbn.cuda.elementwise`).
+FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_sums"])
 
 
 @functools.cache
@@ -41,8 +42,13 @@ def planes_kernels(dtype):
     comp = policy.compute.type
 
     @cuda.jit
-    def planes_moments(x, num_channels, plane_size, chunk, part_n, part_mean, part_m2):
-        """Per-block (count, mean, M2) of one channel's chunk; outputs (C, P) float64."""
+    def planes_moments(x, num_channels, plane_size, chunk, part_n, part_mean, part_m2, counters,
+                       out_n, out_mean, out_m2,
+                       finalize, weight, bias, use_weight, use_bias, eps, big, momentum, running_mean, running_var,
+                       update_running, save_mean, save_invstd, center, scale, shift):
+        """Per-channel (count, mean, M2) into ``out_*`` (C,) float64: per-block partials
+        into ``part_*`` (C, P), merged by the channel's last block to finish."""
+        flag = cuda.shared.array(1, np.int32)
         shared_n = cuda.shared.array(MAX_WARPS, np.float64)
         shared_mean = cuda.shared.array(MAX_WARPS, np.float64)
         shared_m2 = cuda.shared.array(MAX_WARPS, np.float64)
@@ -74,14 +80,33 @@ def planes_kernels(dtype):
                 n += 1
         mean, m2 = thread_partial(pivot, s1, s2, values)
         total, mean, m2 = block_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
+        if cuda.gridDim.y == 1:  # one block per channel: its result is the channel's
+            if cuda.threadIdx.x == 0:
+                finish_moments(c, total, mean, m2, out_n, out_mean, out_m2, finalize, weight, bias, use_weight,
+                               use_bias, eps, big, momentum, running_mean, running_var, update_running, save_mean,
+                               save_invstd, center, scale, shift)
+            return
         if cuda.threadIdx.x == 0:
             part_n[c, b] = total
             part_mean[c, b] = mean
             part_m2[c, b] = m2
+        if finished_last(counters, c, cuda.gridDim.y, flag):
+            total, mean, m2 = merge_channel_partials(c, part_n, part_mean, part_m2, cuda.threadIdx.x,
+                                                     cuda.blockDim.x)
+            total, mean, m2 = block_merge(total, mean, m2, shared_n, shared_mean, shared_m2)
+            if cuda.threadIdx.x == 0:
+                finish_moments(c, total, mean, m2, out_n, out_mean, out_m2, finalize, weight, bias, use_weight,
+                               use_bias, eps, big, momentum, running_mean, running_var, update_running, save_mean,
+                               save_invstd, center, scale, shift)
 
     @cuda.jit
-    def planes_backward_sums(dy, x, mean, num_channels, plane_size, chunk, part_sum_dy, part_sum_dy_xmu):
-        """Per-block sum(dy) and sum(dy * (x - mean[c])) of one channel's chunk; (C, P) float64."""
+    def planes_backward_sums(dy, x, mean, num_channels, plane_size, chunk, part_sum_dy, part_sum_dy_xmu, counters,
+                             out_count, out_sum_dy, out_sum_dy_xmu,
+                             finalize, invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale,
+                             x_scale, shift):
+        """Per-channel count, sum(dy) and sum(dy * (x - mean[c])) into ``out_*`` (C,)
+        float64: per-block partials (C, P), added by the channel's last block to finish."""
+        flag = cuda.shared.array(1, np.int32)
         shared_a = cuda.shared.array(MAX_WARPS, np.float64)
         shared_b = cuda.shared.array(MAX_WARPS, np.float64)
         c = cuda.blockIdx.x
@@ -108,28 +133,22 @@ def planes_kernels(dtype):
                 s -= plane_size
                 n += 1
         sum_dy, sum_dy_xmu = block_sum2(np.float64(s1), np.float64(s2), shared_a, shared_b)
+        if cuda.gridDim.y == 1:
+            if cuda.threadIdx.x == 0:
+                finish_sums(c, count, sum_dy, sum_dy_xmu, out_count, out_sum_dy, out_sum_dy_xmu, finalize, mean,
+                            invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale, x_scale,
+                            shift)
+            return
         if cuda.threadIdx.x == 0:
             part_sum_dy[c, b] = sum_dy
             part_sum_dy_xmu[c, b] = sum_dy_xmu
+        if finished_last(counters, c, cuda.gridDim.y, flag):
+            sum_dy, sum_dy_xmu = sum_channel_partials(c, part_sum_dy, part_sum_dy_xmu, cuda.threadIdx.x,
+                                                      cuda.blockDim.x)
+            sum_dy, sum_dy_xmu = block_sum2(sum_dy, sum_dy_xmu, shared_a, shared_b)
+            if cuda.threadIdx.x == 0:
+                finish_sums(c, count, sum_dy, sum_dy_xmu, out_count, out_sum_dy, out_sum_dy_xmu, finalize, mean,
+                            invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale, x_scale,
+                            shift)
 
-    @cuda.jit
-    def planes_apply(x, num_channels, plane_size, center, scale, shift, y):
-        """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = (i // plane_size) % num_channels
-            y[i] = (comp(x[i]) - center[c]) * scale[c] + shift[c]
-            i += stride
-
-    @cuda.jit
-    def planes_backward_apply(dy, x, num_channels, plane_size, center, dy_scale, x_scale, shift, dx):
-        """dx = dy * dy_scale[c] + (x - center[c]) * x_scale[c] + shift[c] (compute dtype)."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = (i // plane_size) % num_channels
-            dx[i] = comp(dy[i]) * dy_scale[c] + (comp(x[i]) - center[c]) * x_scale[c] + shift[c]
-            i += stride
-
-    return FamilyKernels(planes_moments, planes_backward_sums, planes_apply, planes_backward_apply)
+    return FamilyKernels(planes_moments, planes_backward_sums)

@@ -14,7 +14,6 @@ Threads of a channel are merged with a shared-memory tree over ``threadIdx.y`` (
 shuffles would merge different channels here) and each block writes one float64
 partial per channel, merged by a second kernel as for planes.
 
-Elementwise kernels run a grid-stride loop over the flat buffer, channel ``i % C``.
 Kernels are compiled per storage dtype (:func:`rows_kernels`).
 """
 
@@ -25,7 +24,9 @@ from numba import cuda
 
 from .. import dtypes
 from .config import MAX_THREADS_PER_BLOCK
-from .merge import column_merge, column_sum2, thread_partial
+from .channels import finish_moments, finish_sums
+from .merge import (column_merge, column_sum2, finished_last, merge_channel_partials, sum_channel_partials,
+                    thread_partial)
 from .planes import FamilyKernels
 
 
@@ -37,8 +38,12 @@ def rows_kernels(dtype):
     comp = policy.compute.type
 
     @cuda.jit
-    def rows_moments(x, num_channels, rows_per_block, part_n, part_mean, part_m2):
-        """Per-block (count, mean, M2) of each channel over a row range; outputs (C, P) float64."""
+    def rows_moments(x, num_channels, rows_per_block, part_n, part_mean, part_m2, counters, out_n, out_mean, out_m2,
+                       finalize, weight, bias, use_weight, use_bias, eps, big, momentum, running_mean, running_var,
+                       update_running, save_mean, save_invstd, center, scale, shift):
+        """Per-channel (count, mean, M2) into ``out_*`` (C,) float64: per-block partials
+        (C, P), merged by the last block of the channel block to finish."""
+        flag = cuda.shared.array(1, np.int32)
         shared_n = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
         shared_mean = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
         shared_m2 = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
@@ -64,14 +69,38 @@ def rows_kernels(dtype):
                 r += cuda.blockDim.y
         mean, m2 = thread_partial(pivot, s1, s2, values)
         total, mean, m2 = column_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
+        if cuda.gridDim.y == 1:  # one block per channel block: its results are final
+            if cuda.threadIdx.y == 0 and c < num_channels:
+                finish_moments(c, total, mean, m2, out_n, out_mean, out_m2, finalize, weight, bias, use_weight,
+                               use_bias, eps, big, momentum, running_mean, running_var, update_running, save_mean,
+                               save_invstd, center, scale, shift)
+            return
         if cuda.threadIdx.y == 0 and c < num_channels:
             part_n[c, b] = total
             part_mean[c, b] = mean
             part_m2[c, b] = m2
+        if finished_last(counters, cuda.blockIdx.x, cuda.gridDim.y, flag):
+            total = 0.0
+            mean = 0.0
+            m2 = 0.0
+            if c < num_channels:
+                total, mean, m2 = merge_channel_partials(c, part_n, part_mean, part_m2, cuda.threadIdx.y,
+                                                         cuda.blockDim.y)
+            cuda.syncthreads()  # column_merge reuses the shared slots
+            total, mean, m2 = column_merge(total, mean, m2, shared_n, shared_mean, shared_m2)
+            if cuda.threadIdx.y == 0 and c < num_channels:
+                finish_moments(c, total, mean, m2, out_n, out_mean, out_m2, finalize, weight, bias, use_weight,
+                               use_bias, eps, big, momentum, running_mean, running_var, update_running, save_mean,
+                               save_invstd, center, scale, shift)
 
     @cuda.jit
-    def rows_backward_sums(dy, x, mean, num_channels, rows_per_block, part_sum_dy, part_sum_dy_xmu):
-        """Per-block sum(dy) and sum(dy * (x - mean[c])) per channel; outputs (C, P) float64."""
+    def rows_backward_sums(dy, x, mean, num_channels, rows_per_block, part_sum_dy, part_sum_dy_xmu, counters,
+                           out_count, out_sum_dy, out_sum_dy_xmu,
+                             finalize, invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale,
+                             x_scale, shift):
+        """Per-channel count, sum(dy) and sum(dy * (x - mean[c])) into ``out_*`` (C,)
+        float64: per-block partials (C, P), added by the channel block's last block."""
+        flag = cuda.shared.array(1, np.int32)
         shared_a = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
         shared_b = cuda.shared.array(MAX_THREADS_PER_BLOCK, np.float64)
         c = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -92,28 +121,26 @@ def rows_kernels(dtype):
                 s2 += g * (acc(x[i]) - m)
                 r += cuda.blockDim.y
         sum_dy, sum_dy_xmu = column_sum2(np.float64(s1), np.float64(s2), shared_a, shared_b)
+        if cuda.gridDim.y == 1:
+            if cuda.threadIdx.y == 0 and c < num_channels:
+                finish_sums(c, num_rows, sum_dy, sum_dy_xmu, out_count, out_sum_dy, out_sum_dy_xmu, finalize, mean,
+                            invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale, x_scale,
+                            shift)
+            return
         if cuda.threadIdx.y == 0 and c < num_channels:
             part_sum_dy[c, b] = sum_dy
             part_sum_dy_xmu[c, b] = sum_dy_xmu
+        if finished_last(counters, cuda.blockIdx.x, cuda.gridDim.y, flag):
+            sum_dy = 0.0
+            sum_dy_xmu = 0.0
+            if c < num_channels:
+                sum_dy, sum_dy_xmu = sum_channel_partials(c, part_sum_dy, part_sum_dy_xmu, cuda.threadIdx.y,
+                                                          cuda.blockDim.y)
+            cuda.syncthreads()  # column_sum2 reuses the shared slots
+            sum_dy, sum_dy_xmu = column_sum2(sum_dy, sum_dy_xmu, shared_a, shared_b)
+            if cuda.threadIdx.y == 0 and c < num_channels:
+                finish_sums(c, num_rows, sum_dy, sum_dy_xmu, out_count, out_sum_dy, out_sum_dy_xmu, finalize, mean,
+                            invstd, weight, use_weight, training, big, dweight, dbias, center, dy_scale, x_scale,
+                            shift)
 
-    @cuda.jit
-    def rows_apply(x, num_channels, center, scale, shift, y):
-        """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = i % num_channels
-            y[i] = (comp(x[i]) - center[c]) * scale[c] + shift[c]
-            i += stride
-
-    @cuda.jit
-    def rows_backward_apply(dy, x, num_channels, center, dy_scale, x_scale, shift, dx):
-        """dx = dy * dy_scale[c] + (x - center[c]) * x_scale[c] + shift[c] (compute dtype)."""
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        while i < x.size:
-            c = i % num_channels
-            dx[i] = comp(dy[i]) * dy_scale[c] + (comp(x[i]) - center[c]) * x_scale[c] + shift[c]
-            i += stride
-
-    return FamilyKernels(rows_moments, rows_backward_sums, rows_apply, rows_backward_apply)
+    return FamilyKernels(rows_moments, rows_backward_sums)

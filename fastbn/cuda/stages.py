@@ -4,35 +4,50 @@ same functions, arguments and results.
 
 Arguments arrive validated (by :mod:`fastbn._api` or :mod:`fastbn.stages`).  They are
 device arrays (numba, or anything with ``__cuda_array_interface__``), viewed zero-copy
-as numba arrays at the top of every stage; every result goes back as the kind of array
-the stage's data came as (:func:`~fastbn.cuda.arrays.like_caller`), so values handed
+as numba arrays at the top of every stage; every result is allocated as the kind of
+array the stage's data came as (:func:`~fastbn.cuda.arrays.empty`), so values handed
 from stage to stage, and those the public functions return, are the caller's kind.
 
 The host only plans launches: every value-dependent step (reductions, merges, the
 per-channel algebra of :mod:`fastbn.algebra`, the running-statistics update) runs in
-device kernels, and nothing is copied back to the host.  Launches are asynchronous on
-the default stream; results are ready for anything queued after them there.  Each
+device kernels, and nothing is copied back to the host.  Every launch goes to the
+caller's stream (:mod:`fastbn.cuda.streams`) on the caller's device, and nothing waits
+on the host: results are ready for anything queued after them there.  Results come
+from the caller's library's allocator; scratch (partials, counters) from the cached
+:mod:`fastbn.cuda.workspace`.  A reduction is one launch: the last block of a channel
+to finish merges its partials (:func:`fastbn.cuda.merge.finished_last`).  Each
 stage launches the kernel of the family the :class:`~fastbn.geometry.Geometry` names
 (planes or rows) on the flat buffer of its input, copied once into the kernels' order
 when its bytes are in neither.
 """
 
+import functools
+
 import numpy as np
-from numba import cuda
 
 from .. import dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import PLANES, batch_norm_geometry
 from ..stats import BackwardSums, Moments
-from . import channels, merge, views
-from .arrays import as_numba, like_caller
+from . import channels, launching, streams, views, workspace
+from .arrays import as_numba, empty, strided_view
+from .elementwise import elementwise_kernels
 from .planes import planes_kernels
-from .plans import ReductionPlan, channel_grid, elementwise_grid, merge_grid
+from .plans import ReductionPlan, channel_grid, elementwise_grid
 from .rows import rows_kernels
 
 FLOAT64 = np.dtype(np.float64)
 
-as_dense = views.as_dense
+
+def _on_device_of(pick):
+    """Decorator: run the stage on the device of the array ``pick(*args)`` returns."""
+    def decorate(stage):
+        @functools.wraps(stage)
+        def run(*args):
+            with streams.on_device_of(pick(*args)):
+                return stage(*args)
+        return run
+    return decorate
 
 
 def geometry(x, layout):
@@ -41,88 +56,132 @@ def geometry(x, layout):
     return batch_norm_geometry(a.shape, a.strides, a.dtype.itemsize, layout)
 
 
+@_on_device_of(lambda x, geom: x)
+def as_dense(x, geom):
+    """``x`` itself when dense in the kernels' order, else such a copy (caller's kind)."""
+    return views.as_dense(x, geom, streams.for_array(x))
+
+
 def _kernels(geom, dtype):
     return (planes_kernels if geom.family == PLANES else rows_kernels)(np.dtype(dtype))
 
 
-def _new(number, shape, dtype):
-    """``number`` fresh device arrays of ``shape`` and ``dtype``, parts of one allocation."""
-    block = cuda.device_array((number, *(shape if isinstance(shape, tuple) else (shape,))), dtype=dtype)
+def _new(caller, stream, number, shape, dtype):
+    """``number`` fresh arrays of ``caller``'s kind, ``shape`` and ``dtype``, parts of one allocation."""
+    block = empty(caller, (number, *(shape if isinstance(shape, tuple) else (shape,))), dtype, stream=stream)
     return tuple(block[i] for i in range(number))
-
-
-def _like(caller, *arrays):
-    return tuple(like_caller(a, caller) for a in arrays)
 
 
 def _numba(*arrays):
     return tuple(as_numba(a) for a in arrays)
 
 
+def _partials(caller, stream, name, number, num_channels, num_partials):
+    """``number`` (C, P) float64 scratch arrays, and the (zeroed) completion counters."""
+    device = streams.device_of(caller)
+    per = num_channels * num_partials
+    buffer = workspace.scratch(device, stream, name, number * per, FLOAT64)
+    parts = tuple(strided_view(buffer[i * per:(i + 1) * per], (num_channels, num_partials),
+                               (num_partials * 8, 8)) for i in range(number))
+    counters = workspace.scratch(device, stream, name + ".counters", num_channels, np.int32, zeroed=True)
+    return parts, counters
+
+
+def _launch(kernel, config, stream, *args, shared_bytes=0):
+    grid, block = config
+    launching.launch(kernel, grid, block, stream, *args, shared_bytes=shared_bytes)
+
+
 # --------------------------------------------------------------------------- statistics
 
+@_on_device_of(lambda x, geom: x)
 def moments(x, geom):
-    """Per-channel :class:`Moments` of ``x`` (float64 (C,)), one pass and one merge."""
-    caller, x = x, as_numba(x)
-    xf = views.kernel_input(x, geom)
+    """Per-channel :class:`Moments` of ``x`` (float64 (C,)): one launch, one pass."""
+    caller, stream, x = x, streams.for_array(x), as_numba(x)
+    xf = views.kernel_input(x, geom, stream, caller)
     plan = ReductionPlan(geom)
     num_channels = geom.kept
-    partials = _new(3, (num_channels, plan.num_partials), FLOAT64)
-    launch = _kernels(geom, x.dtype).moments[plan.grid, plan.block]
-    if geom.family == PLANES:
-        launch(xf, num_channels, geom.inner, plan.share, *partials)
-    else:
-        launch(xf, num_channels, plan.share, *partials)
-    result = _new(3, num_channels, FLOAT64)
-    merge.merge_partials[merge_grid(num_channels, plan.num_partials)](*partials, *result)
-    return Moments(*_like(caller, *result))
+    partials, counters = _partials(caller, stream, "moments", 3, num_channels, plan.num_partials)
+    result = _new(caller, stream, 3, num_channels, FLOAT64)
+    out = _numba(*result)
+    launch_moments(xf, geom, plan, stream, partials, counters, out, no_forward_finish(out[1]))
+    return Moments(*result)
 
 
+def no_forward_finish(placeholder):
+    """The reduction's finishing arguments when it only stores the moments
+    (:func:`fastbn.cuda.channels.finish_moments`; ``placeholder``: any float64 vector)."""
+    p = placeholder
+    return (False, p, p, False, False, 1.0, 1.0, 0.0, p, p, False, p, p, p, p, p)
+
+
+def launch_moments(xf, geom, plan, stream, partials, counters, out, finish):
+    """Launch the moments reduction of ``geom``'s family (one launch, see the kernels)."""
+    kernel = _kernels(geom, xf.dtype).moments
+    shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
+    launching.launch(kernel, plan.grid, plan.block, stream, xf, *shape_args, *partials, counters, *out, *finish)
+
+
+@_on_device_of(lambda a, b: a.mean)
 def merge_moments(a, b):
     """The :class:`Moments` of the union of ``a``'s and ``b``'s data."""
     caller = a.mean
-    result = _new(3, a.mean.shape[0], FLOAT64)
-    channels.merge_moments[channel_grid(a.mean.shape[0])](*_numba(*a), *_numba(*b), *result)
-    return Moments(*_like(caller, *result))
+    stream = streams.for_array(caller)
+    result = _new(caller, stream, 3, a.mean.shape[0], FLOAT64)
+    _launch(channels.merge_moments, channel_grid(a.mean.shape[0]), stream, *_numba(*a), *_numba(*b),
+            *_numba(*result))
+    return Moments(*result)
 
 
+@_on_device_of(lambda m: m.m2)
 def moments_var(m):
     """Population variance ``M2 / count``, float64 (NaN where count is 0)."""
+    stream = streams.for_array(m.m2)
     count, mean, m2 = _numba(*m)
-    (var,) = _new(1, m2.shape[0], FLOAT64)
-    channels.mean_var[channel_grid(m2.shape[0])](count, mean, m2, False, var, var)
-    return like_caller(var, m.m2)
+    (var,) = _new(m.m2, stream, 1, m2.shape[0], FLOAT64)
+    var_numba = as_numba(var)
+    _launch(channels.mean_var, channel_grid(m2.shape[0]), stream, count, mean, m2, False, var_numba, var_numba)
+    return var
 
 
+@_on_device_of(lambda m, dtype: m.m2)
 def mean_var(m, dtype):
     """``(mean, population var)`` of :class:`Moments` ``m`` in the statistics dtype of
     inputs of ``dtype`` (float32 for float16, else float64)."""
     statistics = dtypes.policy(dtype).statistics
     if statistics == FLOAT64:
         return m.mean, moments_var(m)
+    stream = streams.for_array(m.m2)
     count, mean, m2 = _numba(*m)
-    out_mean, out_var = _new(2, m2.shape[0], statistics)
-    channels.mean_var[channel_grid(m2.shape[0])](count, mean, m2, True, out_mean, out_var)
-    return _like(m.mean, out_mean, out_var)
+    out_mean, out_var = _new(m.mean, stream, 2, m2.shape[0], statistics)
+    _launch(channels.mean_var, channel_grid(m2.shape[0]), stream, count, mean, m2, True,
+            *_numba(out_mean, out_var))
+    return out_mean, out_var
 
 
+@_on_device_of(lambda m, eps: m.m2)
 def moments_invstd(m, eps):
     """``1 / sqrt(var + eps)`` of :class:`Moments` ``m``, float64."""
+    stream = streams.for_array(m.m2)
     count, _, m2 = _numba(*m)
-    (invstd,) = _new(1, m2.shape[0], FLOAT64)
-    channels.inverse_std[channel_grid(m2.shape[0])](count, m2, float(eps), invstd)
-    return like_caller(invstd, m.m2)
+    (invstd,) = _new(m.m2, stream, 1, m2.shape[0], FLOAT64)
+    _launch(channels.inverse_std, channel_grid(m2.shape[0]), stream, count, m2, float(eps), as_numba(invstd))
+    return invstd
 
 
+@_on_device_of(lambda a, b: a.sum_dy)
 def merge_sums(a, b):
     """The :class:`BackwardSums` of the union of ``a``'s and ``b``'s data."""
-    result = _new(3, a.count.shape[0], FLOAT64)
-    channels.merge_sums[channel_grid(a.count.shape[0])](*_numba(*a), *_numba(*b), *result)
-    return BackwardSums(*_like(a.sum_dy, *result))
+    stream = streams.for_array(a.sum_dy)
+    result = _new(a.sum_dy, stream, 3, a.count.shape[0], FLOAT64)
+    _launch(channels.merge_sums, channel_grid(a.count.shape[0]), stream, *_numba(*a), *_numba(*b),
+            *_numba(*result))
+    return BackwardSums(*result)
 
 
 # --------------------------------------------------------------------------- forward
 
+@_on_device_of(lambda count, mean, *rest: mean)
 def forward_coefficients(count, mean, second, from_moments, weight, bias, eps,
                          running_mean, running_var, momentum, update_running, dtype):
     """Per-channel :class:`ForwardCoefficients` for inputs of ``dtype``, and the
@@ -135,109 +194,133 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, eps,
     """
     policy = dtypes.policy(dtype)
     caller = mean
+    stream = streams.for_array(caller)
     count, mean, second, weight, bias, running_mean, running_var = _numba(
         count, mean, second, weight, bias, running_mean, running_var)
     num_channels = mean.shape[0]
-    center, scale, shift = _new(3, num_channels, policy.compute)
-    new_mean, save_invstd = _new(2, num_channels, policy.statistics)
+    coefficients = _new(caller, stream, 3, num_channels, policy.compute)
+    new_mean, save_invstd = _new(caller, stream, 2, num_channels, policy.statistics)
+    center, scale, shift = _numba(*coefficients)
     reuse_mean = from_moments and mean.dtype == policy.statistics
-    save_mean = mean if reuse_mean else new_mean
+    save_mean = mean if reuse_mean else as_numba(new_mean)
     # Absent optional vectors are placeholders of their dtype, read only under their flag.
-    channels.forward_coefficients[channel_grid(num_channels)](
-        mean if count is None else count, mean, second, from_moments,
-        scale if weight is None else weight, shift if bias is None else bias,
-        weight is not None, bias is not None, eps, dtypes.largest(policy.compute), momentum,
-        center if running_mean is None else running_mean, center if running_var is None else running_var,
-        update_running, save_mean, save_invstd, center, scale, shift)
-    returned_mean = caller if reuse_mean else like_caller(save_mean, caller)
-    return ForwardCoefficients(*_like(caller, center, scale, shift), returned_mean,
-                               like_caller(save_invstd, caller))
+    _launch(channels.forward_coefficients, channel_grid(num_channels), stream,
+            mean if count is None else count, mean, second, from_moments,
+            scale if weight is None else weight, shift if bias is None else bias,
+            weight is not None, bias is not None, eps, dtypes.largest(policy.compute), momentum,
+            center if running_mean is None else running_mean, center if running_var is None else running_var,
+            update_running, save_mean, as_numba(save_invstd), center, scale, shift)
+    return ForwardCoefficients(*coefficients, caller if reuse_mean else new_mean, save_invstd)
 
 
-def _apply_kernel(xf, yf, geom, dtype, center, scale, shift):
+def plane_size(geom):
+    """``S`` of the elementwise kernels' index space: the plane size, 1 for rows."""
+    return geom.inner if geom.family == PLANES else 1
+
+
+def _apply_kernel(xf, yf, geom, dtype, stream, center, scale, shift):
     """yf = (xf - center[c]) * scale[c] + shift[c] over flat buffers."""
-    launch = _kernels(geom, dtype).apply[elementwise_grid(xf.size)]
-    if geom.family == PLANES:
-        launch(xf, geom.kept, geom.inner, center, scale, shift, yf)
-    else:
-        launch(xf, geom.kept, center, scale, shift, yf)
+    _launch(elementwise_kernels(np.dtype(dtype)).apply, elementwise_grid(xf.size), stream,
+            xf, plane_size(geom), geom.kept, center, scale, shift, yf)
 
 
+def _backward_apply_kernel(dyf, xf, dxf, geom, dtype, stream, center, dy_scale, x_scale, shift):
+    """dxf = dyf * dy_scale[c] + (xf - center[c]) * x_scale[c] + shift[c] over flat buffers."""
+    _launch(elementwise_kernels(np.dtype(dtype)).backward_apply, elementwise_grid(xf.size), stream,
+            dyf, xf, plane_size(geom), geom.kept, center, dy_scale, x_scale, shift, dxf)
+
+
+@_on_device_of(lambda x, *rest: x)
 def apply(x, coefficients, geom, out):
     """``y = (x - center) * scale + shift`` per channel; ``out`` when given."""
-    caller, x = x, as_numba(x)
-    xf = views.kernel_input(x, geom)
-    target = views.output_target(as_numba(out), (xf,), geom, x.dtype)
+    caller, stream, x = x, streams.for_array(x), as_numba(x)
+    xf = views.kernel_input(x, geom, stream, caller)
+    native, target = views.output_target(as_numba(out), (xf,), geom, x.dtype, caller, stream)
     c = coefficients
-    _apply_kernel(xf, target, geom, x.dtype, *_numba(c.center, c.scale, c.shift))
-    return views.finish_output(target, out, geom, caller)
+    _apply_kernel(xf, target, geom, x.dtype, stream, *_numba(c.center, c.scale, c.shift))
+    return views.finish_output(native, target, out, geom, stream)
 
 
 # --------------------------------------------------------------------------- backward
 
+@_on_device_of(lambda dy, x, mean, geom: x)
 def backward_sums(dy, x, mean, geom):
     """Per-channel :class:`BackwardSums`: count, sum(dy) and sum(dy * (x - mean)), float64."""
-    caller = x
+    caller, stream = x, streams.for_array(x)
     dy, x, mean = _numba(dy, x, mean)
-    dyf, xf = views.kernel_input(dy, geom), views.kernel_input(x, geom)
+    dyf, xf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller)
     plan = ReductionPlan(geom)
     num_channels = geom.kept
-    partials = _new(2, (num_channels, plan.num_partials), FLOAT64)
-    launch = _kernels(geom, x.dtype).backward_sums[plan.grid, plan.block]
-    if geom.family == PLANES:
-        launch(dyf, xf, mean, num_channels, geom.inner, plan.share, *partials)
-    else:
-        launch(dyf, xf, mean, num_channels, plan.share, *partials)
-    result = _new(3, num_channels, FLOAT64)
-    merge.sum_partials[merge_grid(num_channels, plan.num_partials)](*partials, float(geom.count), *result)
-    return BackwardSums(*_like(caller, *result))
+    partials, counters = _partials(caller, stream, "sums", 2, num_channels, plan.num_partials)
+    result = _new(caller, stream, 3, num_channels, FLOAT64)
+    out = _numba(*result)
+    launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, out, no_backward_finish(out[1]))
+    return BackwardSums(*result)
 
 
+def no_backward_finish(placeholder):
+    """The reduction's finishing arguments when it only stores the sums
+    (:func:`fastbn.cuda.channels.finish_sums`; ``placeholder``: any float64 vector)."""
+    p = placeholder
+    return (False, p, p, False, False, 1.0, p, p, p, p, p, p)
+
+
+def launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, out, finish):
+    """Launch the backward-sums reduction of ``geom``'s family (one launch)."""
+    kernel = _kernels(geom, xf.dtype).backward_sums
+    shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
+    launching.launch(kernel, plan.grid, plan.block, stream, dyf, xf, mean, *shape_args, *partials, counters,
+                     *out, *finish)
+
+
+@_on_device_of(lambda sums, mean, invstd, *rest: invstd)
 def backward_coefficients(sums, mean, invstd, weight, training, dtype):
     """Per-channel :class:`BackwardCoefficients` of the dx pass for inputs of ``dtype``."""
     policy = dtypes.policy(dtype)
     caller = invstd
+    stream = streams.for_array(caller)
     count, sum_dy, sum_dy_xmu = _numba(*sums)
     mean, invstd, weight = _numba(mean, invstd, weight)
     num_channels = invstd.shape[0]
-    center, dy_scale, x_scale, shift = _new(4, num_channels, policy.compute)
-    channels.backward_coefficients[channel_grid(num_channels)](
-        count, sum_dy, sum_dy_xmu, mean, invstd, dy_scale if weight is None else weight, weight is not None,
-        training, dtypes.largest(policy.compute), center, dy_scale, x_scale, shift)
-    return BackwardCoefficients(*_like(caller, center, dy_scale, x_scale, shift))
+    coefficients = _new(caller, stream, 4, num_channels, policy.compute)
+    center, dy_scale, x_scale, shift = _numba(*coefficients)
+    _launch(channels.backward_coefficients, channel_grid(num_channels), stream,
+            count, sum_dy, sum_dy_xmu, mean, invstd, dy_scale if weight is None else weight, weight is not None,
+            training, dtypes.largest(policy.compute), center, dy_scale, x_scale, shift)
+    return BackwardCoefficients(*coefficients)
 
 
+@_on_device_of(lambda sums, invstd, dtype: invstd)
 def parameter_gradients(sums, invstd, dtype):
     """``(dweight, dbias)`` of this data's sums, (C,) in the parameter dtype of ``dtype``."""
     caller = invstd
+    stream = streams.for_array(caller)
     _, sum_dy, sum_dy_xmu = _numba(*sums)
     invstd = as_numba(invstd)
-    dweight, dbias = _new(2, invstd.shape[0], dtypes.policy(dtype).parameters)
-    channels.weight_bias_gradients[channel_grid(invstd.shape[0])](sum_dy, sum_dy_xmu, invstd, dweight, dbias)
-    return _like(caller, dweight, dbias)
+    dweight, dbias = _new(caller, stream, 2, invstd.shape[0], dtypes.policy(dtype).parameters)
+    _launch(channels.weight_bias_gradients, channel_grid(invstd.shape[0]), stream, sum_dy, sum_dy_xmu, invstd,
+            *_numba(dweight, dbias))
+    return dweight, dbias
 
 
+@_on_device_of(lambda dy, x, *rest: x)
 def backward_apply(dy, x, coefficients, geom, out):
     """``dx = dy * dy_scale + (x - center) * x_scale + shift`` per channel; ``out`` when given."""
-    caller = x
+    caller, stream = x, streams.for_array(x)
     dy, x = _numba(dy, x)
-    dyf, xf = views.kernel_input(dy, geom), views.kernel_input(x, geom)
-    target = views.output_target(as_numba(out), (dyf, xf), geom, x.dtype)
-    c = _numba(*coefficients)
-    launch = _kernels(geom, x.dtype).backward_apply[elementwise_grid(xf.size)]
-    if geom.family == PLANES:
-        launch(dyf, xf, geom.kept, geom.inner, *c, target)
-    else:
-        launch(dyf, xf, geom.kept, *c, target)
-    return views.finish_output(target, out, geom, caller)
+    dyf, xf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller)
+    native, target = views.output_target(as_numba(out), (dyf, xf), geom, x.dtype, caller, stream)
+    _backward_apply_kernel(dyf, xf, target, geom, x.dtype, stream, *_numba(*coefficients))
+    return views.finish_output(native, target, out, geom, stream)
 
 
+@_on_device_of(lambda dy, *rest: dy)
 def backward_scale(dy, coefficients, geom, out):
     """``dx = dy * dy_scale`` (eval mode, where the other coefficients are 0): the apply
     kernel with zero center and shift, one read pass fewer than :func:`backward_apply`."""
-    caller, dy = dy, as_numba(dy)
-    dyf = views.kernel_input(dy, geom)
-    target = views.output_target(as_numba(out), (dyf,), geom, dy.dtype)
+    caller, stream, dy = dy, streams.for_array(dy), as_numba(dy)
+    dyf = views.kernel_input(dy, geom, stream, caller)
+    native, target = views.output_target(as_numba(out), (dyf,), geom, dy.dtype, caller, stream)
     c = coefficients
-    _apply_kernel(dyf, target, geom, dy.dtype, *_numba(c.center, c.dy_scale, c.shift))
-    return views.finish_output(target, out, geom, caller)
+    _apply_kernel(dyf, target, geom, dy.dtype, stream, *_numba(c.center, c.dy_scale, c.shift))
+    return views.finish_output(native, target, out, geom, stream)
