@@ -17,18 +17,3 @@ def quick_thread_switches():
     yield
     sys.setswitchinterval(saved)
 
-
-def _load_top_conftest():
-    """tests/conftest.py as a module: its helpers, for ``from conftest import ...`` in
-    tests/cuda, where the module named ``conftest`` is this file."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parent.parent / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_fastbn_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_top = _load_top_conftest()
-_atol, _x = _top._atol, _top._x
