@@ -15,6 +15,13 @@ copy); results come back as torch tensors on the same device (``torch.as_tensor`
 Other devices raise TypeError.  Supported dtypes are fastbn's: float32 and float64 on
 the CPU (others raise TypeError).
 
+Operators and derivatives.  Forward and backward are PyTorch operators,
+``torch.ops.fastbn.batch_norm`` and ``torch.ops.fastbn.batch_norm_backward``, both run
+on fastbn kernels.  The backward is differentiable: its own derivative (double
+backward, Hessian-vector products, gradient penalties) and the gradient through the
+saved batch statistics are computed with torch ops, as is the forward-mode (jvp)
+formula; see :mod:`fastbn.torch._ops`.
+
 This is the only part of fastbn that imports torch; ``import fastbn`` never does.
 """
 

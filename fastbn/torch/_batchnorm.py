@@ -1,69 +1,8 @@
 """The torch.nn batch-norm modules on fastbn kernels and :func:`convert`; see :mod:`fastbn.torch`."""
 
-import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._api import batch_norm_backward, batch_norm_forward
-
-
-def _as_fastbn_array(tensor):
-    """A tensor as the array fastbn's public functions take (None passes through).
-
-    CPU: a NumPy view of the same memory.  CUDA: a numba device-array view of the same
-    memory, made through ``__cuda_array_interface__`` (which a tensor that requires grad
-    refuses to expose, hence ``detach``); it carries NumPy dtypes, which fastbn's
-    argument checks read.
-    """
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        return tensor.numpy()
-    if tensor.device.type != "cuda":
-        raise TypeError(f"fastbn.torch: expected a CPU or CUDA tensor, got one on {tensor.device}")
-    from numba import cuda  # only CUDA tensors need numba.cuda
-
-    return cuda.as_cuda_array(tensor)
-
-
-def _as_tensor(array, device):
-    """A fastbn result as a torch tensor on ``device``, without a copy where possible."""
-    if isinstance(array, torch.Tensor):
-        return array
-    if isinstance(array, np.ndarray):
-        return torch.from_numpy(array)
-    return torch.as_tensor(array, device=device)  # any __cuda_array_interface__ object
-
-
-class _BatchNormFunction(torch.autograd.Function):
-    """``y = batch_norm(x)`` through fastbn; differentiable once (x, weight, bias)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, save_mean, save_invstd = batch_norm_forward(
-            _as_fastbn_array(x), _as_fastbn_array(weight), _as_fastbn_array(bias),
-            running_mean=_as_fastbn_array(running_mean), running_var=_as_fastbn_array(running_var),
-            training=training, momentum=momentum, eps=eps, layout="NCHW")
-        # save_for_backward (not attributes) so autograd raises if x or weight are
-        # modified in place between forward and backward.
-        ctx.save_for_backward(x, weight)
-        ctx.save_mean, ctx.save_invstd = save_mean, save_invstd
-        ctx.training = training
-        return _as_tensor(y, x.device)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx, dweight, dbias = batch_norm_backward(
-            _as_fastbn_array(dy), _as_fastbn_array(x), ctx.save_mean, ctx.save_invstd,
-            _as_fastbn_array(weight), training=ctx.training, layout="NCHW")
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        return (_as_tensor(dx, x.device) if need_x else None,
-                _as_tensor(dweight, x.device) if need_weight else None,
-                _as_tensor(dbias, x.device) if need_bias else None,
-                None, None, None, None, None)
+from . import _ops
 
 
 class _FastBatchNormMixin:
@@ -86,7 +25,7 @@ class _FastBatchNormMixin:
             momentum = 1.0 / float(self.num_batches_tracked + 1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        y = _BatchNormFunction.apply(
+        y, _, _ = _ops.batch_norm(
             input, self.weight, self.bias,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
