@@ -220,7 +220,11 @@ def _forward_backward(ctx, grad_y, grad_mean, grad_invstd, _grad_new_mean, _grad
     x, weight, mean, invstd = ctx.saved_tensors
     dx = dweight = dbias = None
     if grad_y is not None:
-        dx, dweight, dbias = torch.ops.fastbn.batch_norm_backward(grad_y, x, mean, invstd, weight, ctx.training)
+        args = (grad_y, x, mean, invstd, weight, ctx.training)
+        # Under torch.func the operator's own autograd is not usable (torch's generated
+        # Function for it has no setup_context); BackwardFunction wraps the same operator.
+        op = BackwardFunction.apply if _needs_function(args[:5]) else torch.ops.fastbn.batch_norm_backward
+        dx, dweight, dbias = op(*args)
     if ctx.training:  # in eval the statistics are the running ones: no path to x
         dx = _add(dx, _stats_vjp(x, mean, invstd, grad_mean, grad_invstd))
     return (dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None,
@@ -282,12 +286,180 @@ batch_norm_op.register_autograd(_forward_backward, setup_context=_forward_setup_
 batch_norm_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup_context)
 
 
+# --------------------------------------------------------------------------- vmap
+
+
+def _fold(t, bdim, batch):
+    """(…, N, C, …) with a vmapped dim -> (N, batch*C, …): each vmapped slice becomes
+    its own group of channels, so it gets its own batch statistics, as under torch's vmap."""
+    t = t.movedim(bdim, 0) if bdim is not None else t.unsqueeze(0).expand(batch, *t.shape)
+    t = t.movedim(0, 1)
+    return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+
+
+def _fold_vector(v, bdim, batch):
+    if v is None:
+        return None
+    v = v.movedim(bdim, 0) if bdim is not None else v.unsqueeze(0).expand(batch, *v.shape)
+    return v.reshape(-1)
+
+
+def _unfold(t, batch):
+    """(N, batch*C, …) -> (N, batch, C, …), vmapped dim 1."""
+    return t.reshape(t.shape[0], batch, t.shape[1] // batch, *t.shape[2:])
+
+
+def _batch_norm_vmap(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    batch = info.batch_size
+    x_dim, w_dim, b_dim, rm_dim, rv_dim = in_dims[:5]
+    updates = training and running_mean is not None
+    if updates and (rm_dim is None or rv_dim is None):
+        raise RuntimeError(
+            "fastbn.torch: vmap over a training-mode batch norm that updates unbatched running "
+            "statistics is not supported (as in torch): use eval mode, track_running_stats=False, "
+            "or running statistics batched like the input")
+    y, mean, invstd, new_mean, new_var = torch.ops.fastbn.batch_norm(
+        _fold(x, x_dim, batch), _fold_vector(weight, w_dim, batch), _fold_vector(bias, b_dim, batch),
+        _fold_vector(running_mean, rm_dim, batch), _fold_vector(running_var, rv_dim, batch),
+        training, momentum, eps)
+    if updates:
+        new_mean, new_var = new_mean.view(batch, -1), new_var.view(batch, -1)
+        new_dim = 0
+    else:
+        new_dim = None
+    return ((_unfold(y, batch), mean.view(batch, -1), invstd.view(batch, -1), new_mean, new_var),
+            (1, 0, 0, new_dim, new_dim))
+
+
+def _batch_norm_backward_vmap(info, in_dims, dy, x, save_mean, save_invstd, weight, training):
+    batch = info.batch_size
+    dy_dim, x_dim, m_dim, s_dim, w_dim = in_dims[:5]
+    dx, dweight, dbias = torch.ops.fastbn.batch_norm_backward(
+        _fold(dy, dy_dim, batch), _fold(x, x_dim, batch), _fold_vector(save_mean, m_dim, batch),
+        _fold_vector(save_invstd, s_dim, batch), _fold_vector(weight, w_dim, batch), training)
+    return (_unfold(dx, batch), dweight.view(batch, -1), dbias.view(batch, -1)), (1, 0, 0)
+
+
+batch_norm_op.register_vmap(_batch_norm_vmap)
+batch_norm_backward_op.register_vmap(_batch_norm_backward_vmap)
+
+
+# --------------------------------------------------------------------------- torch.func, forward AD
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """The forward operator with a forward-mode (jvp) formula, for torch.func and
+    ``torch.autograd.forward_ad``; outside them :func:`batch_norm` calls the operator
+    directly (torch.compile does not trace a Function that defines ``jvp``).
+
+    Returns ``(y, save_mean, save_invstd)`` and copies the updated running statistics
+    into their buffers here, below the transforms (a transform forbids mutating a
+    captured tensor with one of its own outputs); backward is the operator's.
+    ``generate_vmap_rule``: forward, backward and jvp are torch ops and the operators,
+    which have vmap rules.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, mean, invstd, new_mean, new_var = torch.ops.fastbn.batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, eps)
+        if training and running_mean is not None:
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+        return y, mean, invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _forward_setup_context(ctx, inputs, output + (None, None))
+        x, weight, _, _, running_var, _, _, _ = inputs
+        _, mean, invstd = output
+        ctx.save_for_forward(x, weight, mean, invstd, running_var)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_invstd):
+        return _forward_backward(ctx, grad_y, grad_mean, grad_invstd, None, None)
+
+    @staticmethod
+    def jvp(ctx, tx, tweight, tbias, trunning_mean, trunning_var, *_):
+        """Tangents of y, mean, invstd.  Training: t_mean = mean(tx),
+        t_invstd = -invstd^3 mean((x - mean) tx); eval: from the running statistics'
+        tangents (t_invstd = -invstd^3 t_var / 2)."""
+        x, weight, mean, invstd, running_var = ctx.saved_tensors
+        shape, dims, count = _geometry(x)
+        mu, s = mean.to(x.dtype).view(shape), invstd.to(x.dtype).view(shape)
+        d = x - mu
+        t_mu = t_s = None
+        if ctx.training:
+            if tx is not None:
+                t_mu = tx.mean(dims, keepdim=True)
+                t_s = -s ** 3 * (d * tx).mean(dims, keepdim=True)
+        else:
+            if trunning_mean is not None:
+                t_mu = trunning_mean.to(x.dtype).view(shape)
+            if trunning_var is not None:
+                t_s = -0.5 * s ** 3 * trunning_var.to(x.dtype).view(shape)
+        t_xhat = None
+        if tx is not None:
+            t_xhat = tx * s
+        if t_mu is not None:
+            t_xhat = _add(t_xhat, -t_mu * s)
+        if t_s is not None:
+            t_xhat = _add(t_xhat, d * t_s)
+        t_y = None
+        if t_xhat is not None:
+            t_y = t_xhat * weight.view(shape) if weight is not None else t_xhat
+        if tweight is not None:
+            t_y = _add(t_y, tweight.view(shape) * d * s)
+        if tbias is not None:
+            t_y = _add(t_y, tbias.view(shape))
+        t_y = torch.zeros_like(x) if t_y is None else t_y.expand(x.shape)
+        channels = x.shape[1]
+
+        def vector(t, like):
+            return torch.zeros_like(like) if t is None else t.reshape(channels).to(like.dtype)
+
+        return t_y, vector(t_mu, mean), vector(t_s, invstd)
+
+
+class BackwardFunction(torch.autograd.Function):
+    """The backward operator with its registered derivative, for torch.func."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, x, save_mean, save_invstd, weight, training):
+        return torch.ops.fastbn.batch_norm_backward(dy, x, save_mean, save_invstd, weight, training)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _backward_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_dx, grad_dweight, grad_dbias):
+        return _backward_backward(ctx, grad_dx, grad_dweight, grad_dbias)
+
+
+def _needs_function(tensors):
+    """True under torch.func transforms or forward-mode AD, where the operator alone
+    (no jvp, no functorch-level autograd) is not enough."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and is_wrapped(t) for t in tensors)
+
+
 def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
     """``(y, save_mean, save_invstd)``, running statistics updated in place when training
     with them: the operator, or :class:`BatchNormFunction` under torch.func transforms
     and forward-mode AD (which operators cannot define)."""
-    y, mean, invstd, new_mean, new_var = torch.ops.fastbn.batch_norm(
-        x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    args = (x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    if _needs_function(args[:5]):
+        return BatchNormFunction.apply(*args)
+    y, mean, invstd, new_mean, new_var = torch.ops.fastbn.batch_norm(*args)
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)
