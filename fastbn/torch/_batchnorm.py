@@ -10,29 +10,64 @@ class _FastBatchNormMixin:
 
     The mode logic is PyTorch's, with one difference: ``num_batches_tracked`` is
     incremented after the kernels succeed, so a call that raises changes no state.
+    Errors for bad input are instances of the class torch raises (RuntimeError for a
+    wrong channel count or dtype, ValueError for a wrong rank or a one-value batch),
+    with fastbn's messages; see :class:`fastbn.torch._ops.FastbnValueError`.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Batch-normalize ``input`` ((N, C, ...) float32/float64 tensor, CPU or CUDA).
 
-        Returns a tensor shaped like ``input`` in its dtype and memory format.
+        Returns a tensor shaped like ``input`` in its dtype and memory format.  An empty
+        input (N = 0) gives an empty output and leaves the running statistics as they
+        are, as torch does (``num_batches_tracked`` still counts the call, as in torch).
         """
         self._check_input_dim(input)
-        update_running = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if update_running and self.momentum is None:
-            # Cumulative moving average over the batches seen, this one included.
-            momentum = 1.0 / float(self.num_batches_tracked + 1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        pass_running = not self.training or self.track_running_stats
-        y, _, _ = _ops.batch_norm(
-            input, self.weight, self.bias,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
-            use_batch_stats, momentum, self.eps)
+        update_running = self.training and self.track_running_stats
+        # momentum is used only when running statistics are updated; torch neither
+        # validates nor uses it otherwise.
+        momentum = 0.0
         if update_running:
+            if self.momentum is not None:
+                momentum = self.momentum
+            elif self.num_batches_tracked is not None:
+                # Cumulative moving average over the batches seen, this one included.
+                momentum = 1.0 / float(self.num_batches_tracked + 1)
+        count_batch = update_running and self.num_batches_tracked is not None
+        if input.numel() == 0:
+            y = self._empty_batch(input)
+        else:
+            self._check_channels(input)
+            use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+            pass_running = not self.training or self.track_running_stats
+            y, _, _ = _ops.batch_norm(
+                input, self.weight, self.bias,
+                self.running_mean if pass_running else None,
+                self.running_var if pass_running else None,
+                use_batch_stats, momentum, self.eps)
+        if count_batch:
             self.num_batches_tracked.add_(1)
         return y
+
+    def _empty_batch(self, input):
+        """torch's result for an empty input: a fresh empty tensor still connected to
+        weight and bias in the graph (their gradients are zeros, not None)."""
+        out = input.clone()
+        if self.weight is not None:
+            out = out * self.weight[0]
+        if self.bias is not None:
+            out = out + self.bias[0]
+        return out
+
+    def _check_channels(self, input):
+        """A wrong channel count is torch's RuntimeError, worded about the input."""
+        if input.dim() >= 2 and input.shape[1] != self.num_features:
+            raise _ops.FastbnValueError(
+                f"input: expected {self.num_features} channels (dimension 1) for "
+                f"{type(self).__name__}({self.num_features}), got input of shape {tuple(input.shape)}")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", backend=fastbn"
 
 
 class BatchNorm1d(_FastBatchNormMixin, torch.nn.BatchNorm1d):
@@ -65,6 +100,12 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     over.  Only modules whose type is exactly one of the three torch classes are
     replaced (subclasses may compute something else).
 
+    ``torch.nn.SyncBatchNorm`` modules are left as they are (not converted; they need
+    a process group, which these classes do not use).  Lazy modules
+    (``torch.nn.LazyBatchNorm*d``) must be materialized first, by one forward pass:
+    they then are ``torch.nn.BatchNorm*d`` and are converted; an unmaterialized one is
+    a ValueError.
+
     Parameters
     ----------
     module : torch.nn.Module, modified in place.
@@ -74,6 +115,10 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     The converted module: ``module`` itself, or the replacement when ``module`` is
     itself a batch-norm module.
     """
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(
+            f"fastbn.torch.convert: {type(module).__name__} has not been materialized; run one "
+            "forward pass through the model first (it then becomes a BatchNorm*d and is converted)")
     fastbn_class = _FASTBN_CLASS.get(type(module))
     converted = module
     if fastbn_class is not None:

@@ -35,8 +35,9 @@ class FastbnValueError(ValueError, RuntimeError):
     same bad inputs (so ``except RuntimeError`` written for torch keeps working)."""
 
 
-class FastbnTypeError(TypeError, RuntimeError):
-    """A fastbn TypeError that is also the RuntimeError torch raises for the same input."""
+class FastbnTypeError(TypeError, NotImplementedError):
+    """A fastbn TypeError that is also the NotImplementedError (a RuntimeError) torch
+    raises for a dtype its batch norm does not implement."""
 
 
 def _reraise_as_torch(error):
