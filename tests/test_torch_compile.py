@@ -86,3 +86,18 @@ def test_fake_kernels_match_real_strides(memory_format, shape):
     torch.library.opcheck(torch.ops.fastbn.batch_norm_backward.default, (dy, x, mean, invstd, w, True))
     y = torch.ops.fastbn.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)[0]
     assert y.is_contiguous(memory_format=memory_format)
+
+
+def test_cumulative_momentum_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = fastbn_torch.BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    assert torch._dynamo.explain(model)(torch.randn(4, 3, 2, 2, dtype=torch.float64)).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(fastbn_torch.BatchNorm2d(3, momentum=None, dtype=torch.float64),
+                             fullgraph=True, backend="aot_eager")
+    native = nn.BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    for i in range(3):
+        x = torch.randn(4, 3, 2, 2, dtype=torch.float64) + i
+        compiled(x)
+        native(x)
+    torch.testing.assert_close(compiled._orig_mod.state_dict(), native.state_dict())

@@ -26,13 +26,13 @@ class _FastBatchNormMixin:
         update_running = self.training and self.track_running_stats
         # momentum is used only when running statistics are updated; torch neither
         # validates nor uses it otherwise.
-        momentum = 0.0
+        momentum, batches = 0.0, None
         if update_running:
             if self.momentum is not None:
                 momentum = self.momentum
             elif self.num_batches_tracked is not None:
                 # Cumulative moving average over the batches seen, this one included.
-                momentum = 1.0 / float(self.num_batches_tracked + 1)
+                momentum, batches = None, self.num_batches_tracked + 1
         count_batch = update_running and self.num_batches_tracked is not None
         if input.numel() == 0:
             y = self._empty_batch(input)
@@ -44,7 +44,7 @@ class _FastBatchNormMixin:
                 input, self.weight, self.bias,
                 self.running_mean if pass_running else None,
                 self.running_var if pass_running else None,
-                use_batch_stats, momentum, self.eps)
+                use_batch_stats, momentum, self.eps, batches)
         if count_batch:
             self.num_batches_tracked.add_(1)
         return y

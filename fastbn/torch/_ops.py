@@ -453,16 +453,30 @@ def _needs_function(tensors):
     return any(t is not None and is_wrapped(t) for t in tensors)
 
 
-def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, batches=None):
     """``(y, save_mean, save_invstd)``, running statistics updated in place when training
     with them: the operator, or :class:`BatchNormFunction` under torch.func transforms
-    and forward-mode AD (which operators cannot define)."""
-    args = (x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps))
+    and forward-mode AD (which operators cannot define).
+
+    ``momentum=None`` with ``batches`` (a tensor, the number of batches seen including
+    this one): cumulative moving average, ``r += (batch - r) / batches``, computed as a
+    tensor so torch.compile does not turn ``batches`` into a Python number.
+    """
+    cumulative = momentum is None
+    if cumulative and _needs_function((x, weight, bias, running_mean, running_var)):
+        momentum, cumulative = 1.0 / float(batches), False
+    args = (x, weight, bias, running_mean, running_var, bool(training),
+            1.0 if cumulative else float(momentum), float(eps))
     if _needs_function(args[:5]):
         return BatchNormFunction.apply(*args)
     y, mean, invstd, new_mean, new_var = torch.ops.fastbn.batch_norm(*args)
     if training and running_mean is not None:
         with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+            if cumulative:  # momentum 1 gave the batch statistics themselves
+                factor = 1.0 / batches.to(running_mean.dtype)
+                running_mean.lerp_(new_mean, factor)
+                running_var.lerp_(new_var, factor)
+            else:
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
     return y, mean, invstd
