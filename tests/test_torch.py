@@ -207,7 +207,7 @@ def test_running_stats_updated_in_place():
 
 
 @pytest.mark.parametrize("make_input, error, match", [
-    (lambda: torch.randn(4, 3, 2, 2, dtype=torch.float16), TypeError, "float16"),
+    (lambda: torch.randint(0, 5, (4, 3, 2, 2)), TypeError, "int64"),
     (lambda: torch.randn(4, 3, 2), ValueError, "expected 4D input"),
     (lambda: torch.randn(1, 3, 1, 1), ValueError, "more than 1 value per channel"),
     (lambda: torch.randn(4, 5, 2, 2), RuntimeError, "expected 3 channels"),

@@ -115,3 +115,30 @@ def test_functional_api_names_fastbn_torch_for_cpu_tensors():
         fastbn.batch_norm(x, training=True)
     np.testing.assert_allclose(fastbn.batch_norm(x.numpy(), training=True),
                                nn.functional.batch_norm(x, None, None, training=True).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_half_precision_stopgap_like_torch(dtype, memory_format):
+    """float16/bfloat16 CPU input with float32 parameters (torch's mixed precision):
+    output in the input's dtype and memory format; running statistics and parameter
+    gradients float32, equal to torch's up to rounding of the float32 computation."""
+    ours, native = fastbn_torch.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2).to(dtype).contiguous(memory_format=memory_format)
+    xo, xn = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, expected = ours(xo), native(xn)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(y, expected)
+    y.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    assert xo.grad.dtype == dtype
+    torch.testing.assert_close(xo.grad, xn.grad)
+    torch.testing.assert_close(ours.weight.grad, native.weight.grad)
+    torch.testing.assert_close(ours.state_dict(), native.state_dict())
+
+
+def test_cpu_autocast_bfloat16():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), fastbn_torch.BatchNorm2d(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(4, 3, 2, 2))
+    assert y.dtype == torch.bfloat16 and model[1].running_mean.dtype == torch.float32

@@ -5,6 +5,18 @@ import torch
 from . import _ops
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(tensors):
+    """STOPGAP for float16/bfloat16 CPU input until fastbn's CPU kernels take 16-bit
+    storage: float32 copies (differentiable casts; float32 tensors pass as they are),
+    so the kernels run in float32 and only the output is rounded back.  It costs a
+    float32 copy of the input (and of dy in backward), i.e. none of the bandwidth a
+    16-bit path would save."""
+    return tuple(None if t is None else t.float() for t in tensors)
+
+
 class _FastBatchNormMixin:
     """``forward`` of ``torch.nn.modules.batchnorm._BatchNorm``, computed by fastbn.
 
@@ -40,11 +52,18 @@ class _FastBatchNormMixin:
             self._check_channels(input)
             use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
             pass_running = not self.training or self.track_running_stats
-            y, _, _ = _ops.batch_norm(
-                input, self.weight, self.bias,
-                self.running_mean if pass_running else None,
-                self.running_var if pass_running else None,
-                use_batch_stats, momentum, self.eps, batches)
+            running = (self.running_mean, self.running_var) if pass_running else (None, None)
+            tensors = (input, self.weight, self.bias) + running
+            half = input.device.type == "cpu" and input.dtype in _HALF
+            if half:
+                tensors = _upcast(tensors)
+            y, _, _ = _ops.batch_norm(*tensors, use_batch_stats, momentum, self.eps, batches)
+            if half:
+                y = y.to(input.dtype)
+                with torch.no_grad():
+                    for buffer, upcast in zip(running, tensors[3:]):
+                        if buffer is not None and upcast is not buffer:
+                            buffer.copy_(upcast)
         if count_batch:
             self.num_batches_tracked.add_(1)
         return y
