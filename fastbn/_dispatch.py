@@ -63,5 +63,5 @@ def select_backend(arrays):
         return _cuda_backend()
     for name, a in given:
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy.ndarray or a CUDA device array, got {type(a).__name__}")
+            raise TypeError(f"{name}: expected a numpy.ndarray or a CUDA device array, got {type(a).__name__} (for CPU torch tensors use the fastbn.torch modules, or pass tensor.numpy())")
     return _CPU

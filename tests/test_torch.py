@@ -91,14 +91,6 @@ def test_gradcheck_without_affine():
     assert torch.autograd.gradcheck(module, (x,))
 
 
-def test_double_backward_raises():
-    module = fastbn_torch.BatchNorm2d(3, dtype=torch.float64)
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    (dx,) = torch.autograd.grad(module(x).pow(3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        dx.sum().backward()
-
-
 # --------------------------------------------------------------------------- small CNN
 
 
@@ -215,10 +207,10 @@ def test_running_stats_updated_in_place():
 
 
 @pytest.mark.parametrize("make_input, error, match", [
-    (lambda: torch.randn(4, 3, 2, 2, dtype=torch.float16), TypeError, "float16"),
+    (lambda: torch.randint(0, 5, (4, 3, 2, 2)), TypeError, "int64"),
     (lambda: torch.randn(4, 3, 2), ValueError, "expected 4D input"),
     (lambda: torch.randn(1, 3, 1, 1), ValueError, "more than 1 value per channel"),
-    (lambda: torch.empty(4, 3, 2, 2, device="meta"), TypeError, "expected a CPU or CUDA tensor"),
+    (lambda: torch.randn(4, 5, 2, 2), RuntimeError, "expected 3 channels"),
 ])
 def test_errors_change_no_state(make_input, error, match):
     module = fastbn_torch.BatchNorm2d(3)
@@ -305,7 +297,7 @@ def test_classes_pickle_under_public_module():
 
 def test_running_stats_passed_as_keywords(monkeypatch):
     """Works with batch_norm_forward(x, weight, bias, *, running_mean, running_var, ...)."""
-    from fastbn.torch import _batchnorm
+    from fastbn.torch import _ops as _batchnorm
 
     positional = _batchnorm.batch_norm_forward
 

@@ -13,7 +13,17 @@ without a copy and returns ``y`` and ``dx`` in the same memory format.  CUDA ten
 to fastbn's CUDA backend as numba device-array views (``__cuda_array_interface__``, no
 copy); results come back as torch tensors on the same device (``torch.as_tensor``).
 Other devices raise TypeError.  Supported dtypes are fastbn's: float32 and float64 on
-the CPU (others raise TypeError).
+the CPU (others raise TypeError), plus a STOPGAP for float16/bfloat16 CPU input (also
+with float32 parameters and under CPU ``torch.autocast``): it is upcast to float32
+around the kernels and the output rounded back, which costs a float32 copy instead of
+saving bandwidth, until fastbn's CPU kernels take 16-bit storage.
+
+Operators and derivatives.  Forward and backward are PyTorch operators,
+``torch.ops.fastbn.batch_norm`` and ``torch.ops.fastbn.batch_norm_backward``, both run
+on fastbn kernels.  The backward is differentiable: its own derivative (double
+backward, Hessian-vector products, gradient penalties) and the gradient through the
+saved batch statistics are computed with torch ops, as is the forward-mode (jvp)
+formula; see :mod:`fastbn.torch._ops`.
 
 This is the only part of fastbn that imports torch; ``import fastbn`` never does.
 """

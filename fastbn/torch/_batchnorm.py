@@ -1,69 +1,20 @@
 """The torch.nn batch-norm modules on fastbn kernels and :func:`convert`; see :mod:`fastbn.torch`."""
 
-import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._api import batch_norm_backward, batch_norm_forward
-
-
-def _as_fastbn_array(tensor):
-    """A tensor as the array fastbn's public functions take (None passes through).
-
-    CPU: a NumPy view of the same memory.  CUDA: a numba device-array view of the same
-    memory, made through ``__cuda_array_interface__`` (which a tensor that requires grad
-    refuses to expose, hence ``detach``); it carries NumPy dtypes, which fastbn's
-    argument checks read.
-    """
-    if tensor is None:
-        return None
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        return tensor.numpy()
-    if tensor.device.type != "cuda":
-        raise TypeError(f"fastbn.torch: expected a CPU or CUDA tensor, got one on {tensor.device}")
-    from numba import cuda  # only CUDA tensors need numba.cuda
-
-    return cuda.as_cuda_array(tensor)
+from . import _ops
 
 
-def _as_tensor(array, device):
-    """A fastbn result as a torch tensor on ``device``, without a copy where possible."""
-    if isinstance(array, torch.Tensor):
-        return array
-    if isinstance(array, np.ndarray):
-        return torch.from_numpy(array)
-    return torch.as_tensor(array, device=device)  # any __cuda_array_interface__ object
+_HALF = (torch.float16, torch.bfloat16)
 
 
-class _BatchNormFunction(torch.autograd.Function):
-    """``y = batch_norm(x)`` through fastbn; differentiable once (x, weight, bias)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, save_mean, save_invstd = batch_norm_forward(
-            _as_fastbn_array(x), _as_fastbn_array(weight), _as_fastbn_array(bias),
-            running_mean=_as_fastbn_array(running_mean), running_var=_as_fastbn_array(running_var),
-            training=training, momentum=momentum, eps=eps, layout="NCHW")
-        # save_for_backward (not attributes) so autograd raises if x or weight are
-        # modified in place between forward and backward.
-        ctx.save_for_backward(x, weight)
-        ctx.save_mean, ctx.save_invstd = save_mean, save_invstd
-        ctx.training = training
-        return _as_tensor(y, x.device)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx, dweight, dbias = batch_norm_backward(
-            _as_fastbn_array(dy), _as_fastbn_array(x), ctx.save_mean, ctx.save_invstd,
-            _as_fastbn_array(weight), training=ctx.training, layout="NCHW")
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        return (_as_tensor(dx, x.device) if need_x else None,
-                _as_tensor(dweight, x.device) if need_weight else None,
-                _as_tensor(dbias, x.device) if need_bias else None,
-                None, None, None, None, None)
+def _upcast(tensors):
+    """STOPGAP for float16/bfloat16 CPU input until fastbn's CPU kernels take 16-bit
+    storage: float32 copies (differentiable casts; float32 tensors pass as they are),
+    so the kernels run in float32 and only the output is rounded back.  It costs a
+    float32 copy of the input (and of dy in backward), i.e. none of the bandwidth a
+    16-bit path would save."""
+    return tuple(None if t is None else t.float() for t in tensors)
 
 
 class _FastBatchNormMixin:
@@ -71,29 +22,71 @@ class _FastBatchNormMixin:
 
     The mode logic is PyTorch's, with one difference: ``num_batches_tracked`` is
     incremented after the kernels succeed, so a call that raises changes no state.
+    Errors for bad input are instances of the class torch raises (RuntimeError for a
+    wrong channel count or dtype, ValueError for a wrong rank or a one-value batch),
+    with fastbn's messages; see :class:`fastbn.torch._ops.FastbnValueError`.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Batch-normalize ``input`` ((N, C, ...) float32/float64 tensor, CPU or CUDA).
 
-        Returns a tensor shaped like ``input`` in its dtype and memory format.
+        Returns a tensor shaped like ``input`` in its dtype and memory format.  An empty
+        input (N = 0) gives an empty output and leaves the running statistics as they
+        are, as torch does (``num_batches_tracked`` still counts the call, as in torch).
         """
         self._check_input_dim(input)
-        update_running = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if update_running and self.momentum is None:
-            # Cumulative moving average over the batches seen, this one included.
-            momentum = 1.0 / float(self.num_batches_tracked + 1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        pass_running = not self.training or self.track_running_stats
-        y = _BatchNormFunction.apply(
-            input, self.weight, self.bias,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
-            use_batch_stats, momentum, self.eps)
+        update_running = self.training and self.track_running_stats
+        # momentum is used only when running statistics are updated; torch neither
+        # validates nor uses it otherwise.
+        momentum, batches = 0.0, None
         if update_running:
+            if self.momentum is not None:
+                momentum = self.momentum
+            elif self.num_batches_tracked is not None:
+                # Cumulative moving average over the batches seen, this one included.
+                momentum, batches = None, self.num_batches_tracked + 1
+        count_batch = update_running and self.num_batches_tracked is not None
+        if input.numel() == 0:
+            y = self._empty_batch(input)
+        else:
+            self._check_channels(input)
+            use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+            pass_running = not self.training or self.track_running_stats
+            running = (self.running_mean, self.running_var) if pass_running else (None, None)
+            tensors = (input, self.weight, self.bias) + running
+            half = input.device.type == "cpu" and input.dtype in _HALF
+            if half:
+                tensors = _upcast(tensors)
+            y, _, _ = _ops.batch_norm(*tensors, use_batch_stats, momentum, self.eps, batches)
+            if half:
+                y = y.to(input.dtype)
+                with torch.no_grad():
+                    for buffer, upcast in zip(running, tensors[3:]):
+                        if buffer is not None and upcast is not buffer:
+                            buffer.copy_(upcast)
+        if count_batch:
             self.num_batches_tracked.add_(1)
         return y
+
+    def _empty_batch(self, input):
+        """torch's result for an empty input: a fresh empty tensor still connected to
+        weight and bias in the graph (their gradients are zeros, not None)."""
+        out = input.clone()
+        if self.weight is not None:
+            out = out * self.weight[0]
+        if self.bias is not None:
+            out = out + self.bias[0]
+        return out
+
+    def _check_channels(self, input):
+        """A wrong channel count is torch's RuntimeError, worded about the input."""
+        if input.dim() >= 2 and input.shape[1] != self.num_features:
+            raise _ops.FastbnValueError(
+                f"input: expected {self.num_features} channels (dimension 1) for "
+                f"{type(self).__name__}({self.num_features}), got input of shape {tuple(input.shape)}")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", backend=fastbn"
 
 
 class BatchNorm1d(_FastBatchNormMixin, torch.nn.BatchNorm1d):
@@ -126,6 +119,12 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     over.  Only modules whose type is exactly one of the three torch classes are
     replaced (subclasses may compute something else).
 
+    ``torch.nn.SyncBatchNorm`` modules are left as they are (not converted; they need
+    a process group, which these classes do not use).  Lazy modules
+    (``torch.nn.LazyBatchNorm*d``) must be materialized first, by one forward pass:
+    they then are ``torch.nn.BatchNorm*d`` and are converted; an unmaterialized one is
+    a ValueError.
+
     Parameters
     ----------
     module : torch.nn.Module, modified in place.
@@ -135,6 +134,10 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     The converted module: ``module`` itself, or the replacement when ``module`` is
     itself a batch-norm module.
     """
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(
+            f"fastbn.torch.convert: {type(module).__name__} has not been materialized; run one "
+            "forward pass through the model first (it then becomes a BatchNorm*d and is converted)")
     fastbn_class = _FASTBN_CLASS.get(type(module))
     converted = module
     if fastbn_class is not None:
