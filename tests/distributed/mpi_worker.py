@@ -113,6 +113,31 @@ def case(split, layout, dtype, ndim):
         check(e == 0.0, f"{tag}: eval differs from local by {e:.3g}")
 
 
+def layer_case(split):
+    """fastbn.BatchNorm(comm=...) trained two steps vs the local layer on the whole batch."""
+    c, n = 4, sum(split)
+    rng = np.random.default_rng(5)
+    lo = sum(split[:rank])
+    synced, single = fastbn.BatchNorm(c, dtype=np.float64, comm=comm), fastbn.BatchNorm(c, dtype=np.float64)
+    for step in range(2):
+        x = rng.standard_normal((n, c, 3)) + step
+        dy = rng.standard_normal((n, c, 3))
+        y, dx = synced(x[lo:lo + split[rank]]), synced.backward(dy[lo:lo + split[rank]])
+        gw = comm.allreduce(synced.grad_weight)  # contributions: their sum is the batch's
+        ys, dxs = comm.gather(y, root=0), comm.gather(dx, root=0)
+        if rank == 0:
+            y1, dx1 = single(x), single.backward(dy)
+            e = max(scaled(concat(ys), y1), scaled(concat(dxs), dx1), scaled(gw, single.grad_weight))
+            note("layer", e)
+            check(e < 1e-14, f"layer split={split} step {step}: {e:.3g}")
+    same_on_all_ranks(synced.running_var, "layer running_var")
+    if rank == 0:
+        check(rel(synced.running_var, single.running_var) < 1e-14, "layer running_var")
+    synced.eval()  # eval: local, no collective (rank 0 alone evaluates here)
+    if rank == 0:
+        check(scaled(synced(x), single.eval()(x)) < 1e-14, "layer eval")
+
+
 def expect_error(label, call, own_type=ValueError, fragment=""):
     try:
         call()
@@ -160,6 +185,7 @@ def main():
             for dtype in (np.float32, np.float64):
                 case(split, layout, dtype, 4)
         case(split, "NCHW", np.float64, 2)
+        layer_case(split)
     if "--errors" in sys.argv:
         errors()
     all_failures = comm.gather(failures, root=0)
