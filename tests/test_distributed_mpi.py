@@ -53,3 +53,12 @@ def test_matches_single_process(p, capsys):
 @given(st.lists(st.integers(0, 4), min_size=2, max_size=3).filter(lambda s: sum(s) >= 2))
 def test_hypothesis_splits(split):
     launch([split], errors=False)
+
+
+def test_digits_mpi_example_matches_single_process():
+    """examples/digits_mpi.py, briefly, on 2 ranks: it asserts the loss curves agree."""
+    pytest.importorskip("sklearn")
+    example = WORKERS.parents[1] / "examples" / "digits_mpi.py"
+    done = run([mpiexec(), "-n", "2", sys.executable, str(example), "--epochs", "1"], TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "largest relative difference" in done.stdout
