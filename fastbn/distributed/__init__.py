@@ -128,7 +128,7 @@ def _gather_moments(engine, x, layout, local_check, what):
             x = b.as_dense(x, geometry)
             m = b.moments(x, geometry)
         payload = (_header(x, layout), tuple(np.ascontiguousarray(v, np.float64) for v in m))
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever failed here, the other ranks must not block
         error, payload = e, (_failure(e), None)
     gathered = engine.allgather(payload)
     _agree(engine, gathered, error, what)
@@ -218,7 +218,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, comm, tra
             x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
             sums = b.backward_sums(dy, x, save_mean, geometry)
         payload = (_header(x, layout), tuple(np.ascontiguousarray(v, np.float64) for v in sums))
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever failed here, the other ranks must not block
         error, payload = e, (_failure(e), None)
     gathered = engine.allgather(payload)
     _agree(engine, gathered, error, "batch_norm_backward")

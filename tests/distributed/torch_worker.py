@@ -127,7 +127,7 @@ def ddp_vs_single(steps=3, lr=0.2):
         loss = torch.nn.functional.cross_entropy(single(x), t)
         loss.backward()
         opt1.step()
-        losses1.append(float(loss))
+        losses1.append(float(loss.detach()))
     e = max(abs(a - b) / abs(b) for a, b in zip(losses, losses1))
     note("ddp_loss", e)
     state, state1 = model.state_dict(), single.state_dict()
