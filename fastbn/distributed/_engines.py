@@ -26,6 +26,8 @@ class MPIEngine:
         self.size = comm.Get_size()
 
     def allgather(self, obj):
+        # One collective call; mpi4py runs it as a length exchange plus an Allgatherv of
+        # the pickles (a few hundred bytes plus 24 per channel).
         return self.comm.allgather(obj)
 
 
@@ -43,6 +45,7 @@ class TorchEngine:
         self.size = dist.get_world_size(group)
 
     def allgather(self, obj):
+        # One collective call; torch runs it as a size all_gather plus a data all_gather.
         gathered = [None] * self.size
         self.dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
