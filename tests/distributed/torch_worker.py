@@ -140,6 +140,23 @@ def ddp_vs_single(steps=3, lr=0.2):
         failures.append(f"DDP losses {losses} vs {losses1}")
 
 
+def mismatch_errors():
+    """Ranks disagreeing on the channel count all raise ValueError (torch engine)."""
+    import numpy as np
+
+    from fastbn import distributed
+
+    x = np.ones((2, 4 if rank == world - 1 else 3), np.float32)
+    try:
+        distributed.batch_norm_forward(x, comm=dist.group.WORLD)
+    except ValueError as e:
+        if "same channels" not in str(e):
+            failures.append(f"rank {rank}: mismatch message {e}")
+    else:
+        failures.append(f"rank {rank}: no error on a channel mismatch")
+
+
+mismatch_errors()
 sync_vs_single(torch.float64)
 sync_vs_single(torch.float32)
 ddp_vs_single()
