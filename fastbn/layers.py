@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from . import _checks
+from . import distributed
 from ._api import batch_norm_backward, batch_norm_forward
 from .dtypes import storage_dtypes
 
@@ -32,14 +33,15 @@ def _host_copy(array):
 class _SavedForward:
     """What :meth:`BatchNorm.backward` needs from the last successful forward pass."""
 
-    __slots__ = ("x", "weight", "save_mean", "save_invstd", "used_batch_stats")
+    __slots__ = ("x", "weight", "save_mean", "save_invstd", "used_batch_stats", "comm")
 
-    def __init__(self, x, weight, save_mean, save_invstd, used_batch_stats):
+    def __init__(self, x, weight, save_mean, save_invstd, used_batch_stats, comm=None):
         self.x = x
         self.weight = weight
         self.save_mean = save_mean
         self.save_invstd = save_invstd
         self.used_batch_stats = used_batch_stats
+        self.comm = comm  # the communicator the forward pass synchronized over, or None
 
 
 class BatchNorm:
@@ -63,6 +65,12 @@ class BatchNorm:
     layout : "NCHW" (channels on axis 1) or "NHWC" (channels on the last axis).
     dtype : float32 or float64; the dtype of the parameters, the running statistics and
         the inputs the layer accepts.
+    comm : None, or an ``mpi4py.MPI.Comm`` or ``torch.distributed.ProcessGroup``: in
+        training mode the batch statistics then span every rank's batch
+        (:mod:`fastbn.distributed`; forward and backward become collectives, a rank may
+        pass an empty batch, and ``grad_weight``/``grad_bias`` are this rank's
+        contributions, to be summed over the ranks like the other gradients).  Eval
+        mode does not communicate.
 
     Attributes
     ----------
@@ -82,7 +90,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, layout="NCHW", dtype=np.float32):
+                 track_running_stats=True, layout="NCHW", dtype=np.float32, comm=None):
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -98,6 +106,7 @@ class BatchNorm:
         self.layout = _checks.check_layout(layout)
         self.dtype = np.dtype(dtype)
         self.training = True
+        self.comm = comm
 
         shape = (self.num_features,)
         self.weight = np.ones(shape, self.dtype) if self.affine else None
@@ -134,6 +143,9 @@ class BatchNorm:
     # ------------------------------------------------------------------ passes
 
     def _check_x(self, x, name):
+        if self.comm is not None and isinstance(x, np.ndarray) and 2 <= x.ndim <= 5 and x.shape[0] == 0:
+            # A rank of a synchronized layer may hold no samples: check the rest of x.
+            x = np.broadcast_to(np.zeros((), x.dtype), (1, *x.shape[1:]))
         _checks.check_input(x, name, (self.dtype,))
         axis = _checks.channel_axis(len(x.shape), self.layout)
         if x.shape[axis] != self.num_features:
@@ -168,14 +180,19 @@ class BatchNorm:
             momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         # As PyTorch: training without tracking passes no running statistics.
         pass_running = not self.training or self.track_running_stats
-        y, save_mean, save_invstd = batch_norm_forward(
-            x, self.weight, self.bias,
-            running_mean=self.running_mean if pass_running else None,
-            running_var=self.running_var if pass_running else None,
-            training=use_batch_stats, momentum=momentum, eps=self.eps, layout=self.layout)
+        # Only training synchronizes (as torch's SyncBatchNorm); eval never communicates.
+        comm = self.comm if self.training else None
+        kwargs = dict(running_mean=self.running_mean if pass_running else None,
+                      running_var=self.running_var if pass_running else None,
+                      training=use_batch_stats, momentum=momentum, eps=self.eps, layout=self.layout)
+        if comm is not None:
+            y, save_mean, save_invstd = distributed.batch_norm_forward(x, self.weight, self.bias, comm=comm,
+                                                                       **kwargs)
+        else:
+            y, save_mean, save_invstd = batch_norm_forward(x, self.weight, self.bias, **kwargs)
         if update_running:
             self.num_batches_tracked += 1
-        self._saved = _SavedForward(x, self.weight, save_mean, save_invstd, use_batch_stats)
+        self._saved = _SavedForward(x, self.weight, save_mean, save_invstd, use_batch_stats, comm)
         return y
 
     __call__ = forward
@@ -201,9 +218,14 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward: called before forward (there is no saved forward pass)")
         saved = self._saved
-        dx, dweight, dbias = batch_norm_backward(
-            dy, saved.x, saved.save_mean, saved.save_invstd, saved.weight,
-            training=saved.used_batch_stats, layout=self.layout)
+        if saved.comm is not None:  # collective, like the forward pass it differentiates
+            dx, dweight, dbias = distributed.batch_norm_backward(
+                dy, saved.x, saved.save_mean, saved.save_invstd, saved.weight, comm=saved.comm,
+                training=True, layout=self.layout)
+        else:
+            dx, dweight, dbias = batch_norm_backward(
+                dy, saved.x, saved.save_mean, saved.save_invstd, saved.weight,
+                training=saved.used_batch_stats, layout=self.layout)
         if self.affine:
             self.grad_weight, self.grad_bias = dweight, dbias
         return dx

@@ -3,7 +3,10 @@
 - :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of the
   ``torch.nn`` classes with the same constructor, attributes and ``state_dict``; only the
   forward and backward computations are replaced;
-- :func:`convert`: swaps every ``torch.nn.BatchNorm1d/2d/3d`` in a model for these.
+- :func:`convert`: swaps every ``torch.nn.BatchNorm1d/2d/3d`` in a model for these;
+- :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`: batch statistics over every rank
+  of a ``torch.distributed`` process group (CPU tensors with gloo too), see
+  :mod:`fastbn.distributed`.
 
 Data path.  CPU tensors are handed to fastbn as NumPy views (``tensor.detach().numpy()``,
 no copy; running statistics are updated in place through them) and results come back
@@ -29,10 +32,11 @@ This is the only part of fastbn that imports torch; ``import fastbn`` never does
 """
 
 from ._batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+from ._sync import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "convert_sync_batchnorm"]
 
 # Public path in reprs and pickles (torch.save of a whole model), not the private module.
-for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, convert):
+for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert, convert_sync_batchnorm):
     _public.__module__ = __name__
 del _public
