@@ -7,7 +7,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed
-from ._batchnorm import _as_fastbn_array, _as_tensor, _BatchNormFunction
+from . import _ops
+from ._ops import _as_fastbn_array, _as_tensor
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -86,8 +87,8 @@ class SyncBatchNorm(_BatchNorm):
         # As torch.nn.SyncBatchNorm: only training mode synchronizes.
         group = self._group() if (use_batch_stats and self.training) else None
         if group is None:
-            y = _BatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
-                                         use_batch_stats, momentum, self.eps)
+            y, _, _ = _ops.batch_norm(input, self.weight, self.bias, running_mean, running_var,
+                                      use_batch_stats, momentum, self.eps)
         else:
             y = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
                                              momentum, self.eps, group)
