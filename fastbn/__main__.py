@@ -144,15 +144,16 @@ def main(argv=None):
 BENCH_DOC = """Time every op (batch statistics, training forward, eval forward, backward) in both
 layouts: fastbn's best time, its effective bandwidth (traffic model: stats 1, training
 forward 3, eval forward 2, backward 5 tensor passes), the percentage of a roofline
-measured in the same run with fastbn's own bandwidth kernels (a read pass and a copy pass
-over the same bytes, fastbn.cpu.bandwidth), and the speed-up over the NumPy reference and
+measured right after each case over the case's own arrays (the same traffic as plain read
+and copy passes, fastbn.bench.case_roofline), whether the case fits in the last-level
+cache ("in-cache") or not ("DRAM"), and the speed-up over the float64 NumPy reference and
 over PyTorch CPU (F.batch_norm; NHWC against channels_last) when torch is installed."""
 
 
 def _progress(done, total, text):
     """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
     if not sys.stderr.isatty():
-        if done == total or text.startswith("round 1/") and "roofline" in text:
+        if done == total or done * 10 // max(total, 1) != (done - 1) * 10 // max(total, 1):
             sys.stderr.write(f"[{done}/{total}] {text}\n")
         return
     width = 24
@@ -161,24 +162,53 @@ def _progress(done, total, text):
     sys.stderr.flush()
 
 
+def progress_total(n_shapes, n_compile, n_timed, rounds):
+    """Steps of a report: per shape, one per (layout, op, implementation) prepared, then one
+    per timed case in the first round and one per non-reference case in later rounds."""
+    return n_shapes * n_compile + n_timed[0] + (rounds - 1) * n_timed[1]
+
+
+#: % of roofline above which a row is flagged: the bound is timed like the kernel, so a
+#: kernel "faster than its bound" means the two timings disagree (load, noise).
+ROOF_FLAG = 1.10
+
+
 def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, rounds=3,
-               progress=_progress):
+               progress=_progress, llc_bytes=None):
     """Measure every (shape, layout, op); yields one dict per case.
 
     Per shape, every case is prepared (inputs shared by the implementations), then timed
-    in ``rounds`` interleaved rounds, keeping each one's best time: a burst of load from
+    in ``rounds`` interleaved rounds, keeping each one's best per-call time (batches of
+    calls for microsecond cases, see fastbn._timing.best_per_call): a burst of load from
     other processes then spoils one round, not a case.  The roofline of each case is
-    measured right after fastbn's timing of it, in every round (best kept).
+    measured right after fastbn's timing of it, in every round (best kept), over the
+    case's own arrays (same bytes, same cache state; see fastbn.bench.case_roofline).
     The NumPy reference (slow) is timed in the first round only.
     """
     impls = fbench.available_implementations()
     if not with_reference:
         impls.pop("numpy", None)
+    llc_bytes = llc_bytes or fbench.last_level_cache_bytes()
     repeat, min_time = (3, 0.02) if quick else (10, 0.1)
     rounds = 1 if quick else max(1, rounds)
-    per_shape = len(layouts) * len(ops) * len(impls)
-    total = len(shapes) * (per_shape + rounds * (1 + per_shape - (len(layouts) * len(ops) if "numpy" in impls else 0)))
+    # Count the cases each shape will time, so the progress total is exact.
+    timed_first = timed_later = 0
+    prepared = []
+    for shape in shapes:
+        for layout in layouts:
+            for op in ops:
+                for name, cls in impls.items():
+                    if cls().supports(op, layout, shape, dtype):
+                        timed_first += 1
+                        timed_later += name != "numpy"
+    total = progress_total(len(shapes), len(layouts) * len(ops) * len(impls), (timed_first, timed_later), rounds)
     done = 0
+
+    def step(text):
+        nonlocal done
+        progress(min(done, total), total, text)
+        done += 1
+
     for shape in shapes:
         fbench.sharing_inputs(True)
         cases = []
@@ -186,21 +216,18 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
             for op in ops:
                 for name, cls in impls.items():
                     impl = cls()
+                    step(f"compile {name} {op} {layout} {fbench.shape_label(shape)}")
                     if impl.supports(op, layout, shape, dtype):
-                        progress(done, total, f"compile {name} {op} {layout} {fbench.shape_label(shape)}")
                         fn = impl.prepare(op, layout, shape, dtype)
                         fn()
                         cases.append((layout, op, name, fn))
-                    done += 1
         best = {}
         roofs = {}
         for r in range(rounds):
-            progress(done, total, f"round {r + 1}/{rounds} roofline {fbench.shape_label(shape)}")
-            done += 1
             for layout, op, name, fn in cases:
                 if name == "numpy" and r > 0:
                     continue
-                progress(done, total, f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)}")
+                step(f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)}")
                 # PyTorch and Numba each keep an OpenMP pool whose idle workers spin for a
                 # while before sleeping; a pause lets the other pool go to sleep first, so
                 # each implementation is timed with the cores to itself, in its default
@@ -209,23 +236,27 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                 if name == "numpy":
                     t = fbench.best_time(fn, 1 if quick else 3, 0.0, max_time=2.0)
                 else:
-                    t = fbench.best_time(fn, repeat, min_time)
+                    t = fbench.best_per_call(fn, repeat, min_time)
                 key = (layout, op, name)
                 best[key] = min(best.get(key, float("inf")), t)
                 if name == "fastbn":
-                    # The roofline right after the case it bounds: this machine's bandwidth
-                    # drifts over a run, and a bound measured at another moment can read
-                    # below the kernel it is meant to bound.
-                    probe = fbench.roofline(shape, dtype, repeat=repeat, min_time=min_time, fresh=True)
-                    roofs[(layout, op)] = min(roofs.get((layout, op), float("inf")),
-                                              fbench.roofline_seconds(op, probe))
-                done += 1
+                    # The bound right after the case it bounds, over the same arrays: this
+                    # machine's bandwidth drifts over a run, and a bound measured at another
+                    # moment or on other bytes can read below the kernel it is meant to bound.
+                    x, dy, _, _, _, _ = fbench.shared_inputs(shape, layout, dtype)
+                    out = fbench.shared_output(shape, layout, dtype)
+                    roof = fbench.case_roofline(op, x, dy, out, repeat, min_time)
+                    roofs[(layout, op)] = min(roofs.get((layout, op), float("inf")), roof)
         del cases
         fbench.sharing_inputs(False)
         for layout in layouts:
             for op in ops:
+                if (layout, op, "fastbn") not in best:
+                    continue
                 row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
-                       "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype)}
+                       "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype),
+                       "footprint_bytes": fbench.footprint_bytes(op, shape, dtype),
+                       "llc_bytes": llc_bytes, "cache": fbench.cache_label(op, shape, dtype, llc_bytes)}
                 for name in impls:
                     if (layout, op, name) in best:
                         row[f"{name}_s"] = best[(layout, op, name)]
@@ -233,6 +264,7 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                 row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
                 row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
                 row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
+                row["roofline_suspect"] = row["roofline_fraction"] > ROOF_FLAG
                 for name in impls:
                     if name != "fastbn" and f"{name}_s" in row:
                         row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["fastbn_s"]
@@ -242,20 +274,51 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
         sys.stderr.write("\n")
 
 
+def time_unit(rows):
+    """("us", 1e6) when every fastbn time is under a millisecond, else ("ms", 1e3)."""
+    if rows and max(r["fastbn_s"] for r in rows) < 1e-3:
+        return "us", 1e6
+    return "ms", 1e3
+
+
 def format_table(rows):
     names = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_")] if rows else []
-    header = (f"{'shape':16} {'layout':6} {'op':13} {'fastbn ms':>9} {'GB/s':>6} {'roof GB/s':>9} "
-              f"{'% roof':>6}" + "".join(f" {name + ' ms':>9} {'vs ' + name:>9}" for name in names))
+    unit, scale = time_unit(rows)
+    header = (f"{'shape':16} {'layout':6} {'op':13} {'cache':8} {'fastbn ' + unit:>9} {'GB/s':>6} "
+              f"{'roof GB/s':>9} {'% roof':>7}" + "".join(f" {name + ' ' + unit:>9} {'vs ' + name:>9}"
+                                                       for name in names))
     lines = [header, "-" * len(header)]
     for r in rows:
-        line = (f"{fbench.shape_label(r['shape']):16} {r['layout']:6} {r['op']:13} {r['fastbn_s'] * 1e3:9.3f} "
-                f"{r['gbps']:6.1f} {r['roofline_gbps']:9.1f} {100 * r['roofline_fraction']:5.0f}%")
+        flag = "*" if r.get("roofline_suspect") else " "
+        line = (f"{fbench.shape_label(r['shape']):16} {r['layout']:6} {r['op']:13} {r['cache']:8} "
+                f"{r['fastbn_s'] * scale:9.3f} {r['gbps']:6.1f} {r['roofline_gbps']:9.1f} "
+                f"{100 * r['roofline_fraction']:5.0f}%{flag}")
         for name in names:
             if f"{name}_s" in r:
-                line += f" {r[name + '_s'] * 1e3:9.3f} {r['speedup_vs_' + name]:8.2f}x"
+                line += f" {r[name + '_s'] * scale:9.3f} {r['speedup_vs_' + name]:8.2f}x"
             else:
                 line += f" {'-':>9} {'-':>9}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def table_legend(rows, llc_bytes):
+    """What each column of :func:`format_table` means (printed under the table)."""
+    lines = [
+        "GB/s: traffic model (stats 1, forward_train 3, forward_eval 2, backward 5 tensor passes) / fastbn's time.",
+        "roof: the same traffic as plain data movement (read passes, then a copy pass) over the case's own arrays, "
+        "timed the same way right after the case (faster of a serial and a parallel probe); "
+        "% roof = roof time / fastbn time.",
+        f"cache: 'in-cache' when the op's footprint (distinct bytes: stats x; forward x, y; backward dy, x, dx) fits "
+        f"in the last-level cache ({llc_bytes / 2**20:.0f} MiB), else 'DRAM': in-cache GB/s are cache speeds.",
+        "vs numpy: the float64 NumPy reference's time (fastbn.reference, inputs upcast to float64) / fastbn's time; "
+        "vs torch: PyTorch CPU's time (F.batch_norm without autograd; backward: aten.native_batch_norm_backward, "
+        "the kernel alone, as for fastbn) / fastbn's time. Times are the best per-call time (batches of calls "
+        "for microsecond cases).",
+    ]
+    if any(r.get("roofline_suspect") for r in rows):
+        lines.append(f"*: above {100 * ROOF_FLAG:.0f}% of roof, i.e. the kernel and its bound were timed under "
+                     "different load; rerun on a quiet machine.")
     return "\n".join(lines)
 
 
@@ -304,15 +367,16 @@ def bench_main(args):
     print(f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
           f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, {dtype}, "
           f"{platform.machine()}")
+    llc_bytes = fbench.last_level_cache_bytes()
     rows = list(bench_rows(shapes, args.layouts, ops, dtype, quick=args.quick,
-                           with_reference=not args.no_reference, rounds=args.rounds))
+                           with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
     print(format_table(rows))
-    print("GB/s: traffic model (stats 1, forward_train 3, forward_eval 2, backward 5 tensor passes) / time; "
-          "roof: the same traffic at the speed of fastbn's read and copy passes over the tensor's bytes.")
+    print(table_legend(rows, llc_bytes))
     if args.json:
         doc = {"fastbn": fastbn.__version__, "numba": numba.__version__, "numpy": np.__version__,
                "torch": torch_version, "threads": numba.get_num_threads(), "dtype": dtype.name,
-               "machine": platform.machine(), "processor": platform.processor(), "rows": rows}
+               "machine": platform.machine(), "processor": platform.processor(), "llc_bytes": llc_bytes,
+               "rows": rows}
         if args.json == "-":
             json.dump(doc, sys.stdout, indent=1)
             print()

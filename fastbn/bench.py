@@ -29,7 +29,7 @@ import numpy as np
 
 import fastbn
 from fastbn import reference
-from fastbn._timing import best_time  # noqa: F401  (re-exported for the suites)
+from fastbn._timing import best_per_call, best_time  # noqa: F401  (re-exported for the suites)
 
 OPS = ("stats", "forward_train", "forward_eval", "backward")
 LAYOUTS = ("NCHW", "NHWC")
@@ -86,6 +86,20 @@ def shared_inputs(shape, layout, dtype):
     return make_inputs(shape, layout, dtype)
 
 
+def shared_output(shape, layout, dtype):
+    """A preallocated output for fastbn's ``out=`` (pages mapped), shared like
+    :func:`shared_inputs`, so a case's roofline probe writes the very buffer it wrote."""
+    key = ("out", tuple(shape), layout, np.dtype(dtype).str)
+    if _INPUT_CACHE.get("on") and key in _INPUT_CACHE:
+        return _INPUT_CACHE[key]
+    x = shared_inputs(shape, layout, dtype)[0]
+    out = np.empty_like(x)
+    out.fill(0)  # map the pages now, not in the first timed call
+    if _INPUT_CACHE.get("on"):
+        _INPUT_CACHE[key] = out
+    return out
+
+
 def sharing_inputs(on):
     """Turn input sharing on (True) or off and forget the cached inputs."""
     _INPUT_CACHE.clear()
@@ -125,8 +139,7 @@ class Fastbn(Implementation):
 
     def prepare(self, op, layout, shape, dtype):
         x, dy, w, b, rm, rv = shared_inputs(shape, layout, dtype)
-        out = np.empty_like(x)
-        out.fill(0)  # map the pages now, not in the first timed call
+        out = shared_output(shape, layout, dtype)
         if op == "stats":
             return lambda: fastbn.batch_stats(x, layout=layout)
         if op == "forward_train":
@@ -240,3 +253,113 @@ def roofline_seconds(op, roof):
             "forward_eval": roof["copy_s"],
             # read dy and x; then read dy, and read x while writing dx
             "backward": 3 * roof["read_s"] + roof["copy_s"]}[op]
+
+
+# --- Per-case roofline ------------------------------------------------------------------
+#
+# A case's bound is the plain data movement its traffic model implies, over the case's own
+# arrays (the same bytes, hence the same cache residency), in one compiled call, timed the
+# same way (warm-up call, then best of) right after the case.  A bound measured over other,
+# freshly allocated arrays, or as several separate launches, reads slower than the
+# kernel on small or in-cache tensors (percentages of thousands).
+
+import numba as _numba  # noqa: E402
+
+
+def _probe(a, b, out, reads, copy, chunks, partial):
+    """``reads`` read passes over a (and b when it has a's size), then out = a (+ b) when
+    ``copy``; each of ``chunks`` contiguous chunks is one work item, passes in sequence
+    within it, so a chunk larger than the caches is re-read from memory as a kernel's
+    second pass would be."""
+    n = a.size
+    two = b.size == n
+    for c in _numba.prange(chunks):
+        lo = c * n // chunks
+        hi = (c + 1) * n // chunks
+        s = 0.0
+        for _ in range(reads):
+            for i in range(lo, hi):
+                s += np.float64(a[i])
+            if two:
+                for i in range(lo, hi):
+                    s += np.float64(b[i])
+        if copy:
+            if two:
+                for i in range(lo, hi):
+                    out[i] = a[i] + b[i]
+            else:
+                for i in range(lo, hi):
+                    out[i] = a[i]
+        partial[c] = s
+
+
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_probe_parallel = _numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_probe)
+_probe_serial = _numba.njit(cache=True, fastmath=_FASTMATH)(_probe)
+
+#: Per op: (read passes over the inputs, whether a copy pass writes the output); backward
+#: reads dy and x, forward ops read x only.
+PROBE_PASSES = {"stats": (1, False), "forward_train": (1, True), "forward_eval": (0, True),
+                "backward": (1, True)}
+
+
+def case_roofline(op, x, dy, out, repeat=10, min_time=0.1, timer=None):
+    """Best time (s) of the data movement ``op`` implies over the case's own arrays ``x``,
+    ``dy`` (backward only) and ``out``: the faster of a serial and a parallel probe, since
+    either is a way to move those bytes."""
+    timer = timer or best_per_call
+    reads, copy = PROBE_PASSES[op]
+    a = x.reshape(-1)
+    b = dy.reshape(-1) if op == "backward" else a[:0]
+    o = out.reshape(-1)
+    best = float("inf")
+    for kernel, chunks in ((_probe_serial, 1), (_probe_parallel, max(1, _numba.get_num_threads()))):
+        partial = np.empty(chunks)
+        best = min(best, timer(lambda: kernel(a, b, o, reads, copy, chunks, partial), repeat, min_time))
+    return best
+
+
+def last_level_cache_bytes(sysfs="/sys/devices/system/cpu/cpu0/cache"):
+    """Size of the largest (last-level) cache, from Linux sysfs; ``os.sysconf`` or 32 MiB
+    when sysfs is not there."""
+    found = []
+    try:
+        for entry in os.listdir(sysfs):
+            if entry.startswith("index"):
+                with open(os.path.join(sysfs, entry, "level")) as f:
+                    level = int(f.read())
+                with open(os.path.join(sysfs, entry, "size")) as f:
+                    found.append((level, _parse_size(f.read())))
+    except (OSError, ValueError):
+        found = []
+    size = max(found)[1] if found else None
+    if size:
+        return size
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            value = os.sysconf(name)
+        except (ValueError, OSError, AttributeError):
+            continue
+        if value and value > 0:
+            return value
+    return 32 << 20
+
+
+def _parse_size(text):
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], None)
+    return int(text[:-1]) * scale if scale else int(text)
+
+
+#: Distinct tensors an op touches (its footprint): x; x, y; x, y; dy, x, dx.
+FOOTPRINT = {"stats": 1, "forward_train": 2, "forward_eval": 2, "backward": 3}
+
+
+def footprint_bytes(op, shape, dtype):
+    return FOOTPRINT[op] * math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def cache_label(op, shape, dtype, llc_bytes):
+    """"in-cache" when the op's footprint (the distinct bytes it touches) fits in the
+    last-level cache, else "DRAM"."""
+    return "in-cache" if footprint_bytes(op, shape, dtype) <= llc_bytes else "DRAM"
