@@ -39,6 +39,12 @@ TRAFFIC = {"stats": 1, "forward_train": 3, "forward_eval": 2, "backward": 5}
 #: features, and one tensor larger than a typical last-level cache (103 MB float32).
 SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14), (64, 512, 7, 7), (8, 32, 112, 112),
           (4096, 1024), (32, 64, 112, 112))
+#: Small layers (an MLP's features, a small CNN's activations), where a call's fixed cost
+#: (argument checks, temporaries, launches) rather than bandwidth decides its time; timed
+#: per call (us).
+SMALL_SHAPES = ((32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16))
+#: Named shape sets for ``python -m fastbn bench --shapes NAME``.
+SHAPE_SETS = {"suite": SHAPES, "small": SMALL_SHAPES}
 #: Tiny stand-ins for smoke runs (CI): same ranks, milliseconds of work.
 SMOKE_SHAPES = ((4, 8, 6, 6), (64, 12))
 THREADS = (1, 2)
@@ -55,6 +61,18 @@ def shapes():
 
 def shape_label(shape):
     return "x".join(map(str, shape))
+
+
+def parse_shapes(items):
+    """Shapes from command-line items: ``N,C[,H,W]`` (or ``NxCxHxW``) or a set's name
+    (:data:`SHAPE_SETS`: ``suite``, ``small``)."""
+    shapes = []
+    for item in items:
+        if item in SHAPE_SETS:
+            shapes.extend(SHAPE_SETS[item])
+        else:
+            shapes.append(parse_shape(item))
+    return shapes
 
 
 def parse_shape(text):

@@ -82,3 +82,21 @@ def test_table_flags_a_kernel_faster_than_its_bound():
     assert table.splitlines()[2].rstrip().endswith(" 50%") and table.splitlines()[3].endswith("150%*")
     assert "*: above 110%" in cli.table_legend([ok, bad], 1 << 25)
     assert "*:" not in cli.table_legend([ok], 1 << 25)
+
+
+def test_small_shape_set_and_per_call_timer():
+    from fastbn import _timing
+    from fastbn import bench as fbench
+    assert fbench.parse_shapes(["small"]) == [(32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)]
+    assert fbench.parse_shapes(["4,8", "2x3x4x5"]) == [(4, 8), (2, 3, 4, 5)]
+    calls = []
+    t = _timing.best_per_call(lambda: calls.append(1), repeat=3, min_time=0.0, batch_time=1e-4)
+    assert 0 < t < 1e-3 and len(calls) > 3 + 4  # warm-up, calibration, then batches of calls
+
+
+def test_bench_small_flag_times_the_small_shapes():
+    result = run_module("bench", "--small", "--quick", "--no-reference", "--layouts", "NCHW",
+                        "--ops", "forward_train", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    assert [tuple(r["shape"]) for r in doc["rows"]] == [(32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)]
