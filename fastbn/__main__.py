@@ -103,6 +103,10 @@ def build_parser():
     bench.add_argument("--rounds", type=int, default=3,
                        help="interleaved timing rounds per shape, best kept (default %(default)s)")
     bench.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
+    bench.add_argument("--step", action="store_true",
+                       help="instead: time a training step (small CNN in NCHW and channels_last, MLP) in native "
+                            "torch and after fastbn.torch.convert, and the batch-norm share of each (needs torch)")
+    bench.add_argument("--steps", type=int, default=20, help="--step: steps per timing (default %(default)s)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     bench.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s against the roofline (needs matplotlib)")
     return parser
@@ -353,6 +357,43 @@ def plot(rows, path):
     return True
 
 
+def _write_json(doc, path):
+    import json
+    if path == "-":
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+def step_main(args, dtype):
+    """``bench --step``: the training-step comparison (fastbn.bench.step_rows)."""
+    import os
+
+    if not fbench.Torch.available():
+        print("--step needs PyTorch (pip install torch)", file=sys.stderr)
+        return 2
+    if dtype != np.float32:
+        print("--step runs in float32 (the models' dtype)", file=sys.stderr)
+    env = {k: os.environ.get(k) for k in fbench.THREAD_ENV}
+    print("thread settings: " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in env.items()))
+    steps, rounds = (3, 1) if args.quick else (max(1, args.steps), max(1, args.rounds))
+    rows = list(fbench.step_rows(steps=steps, rounds=rounds, progress=_progress))
+    print(f"threading layer: numba {numba.threading_layer()}; "
+          f"{numba.get_num_threads()} Numba threads, {rows[0]['threads']} torch threads; "
+          f"{steps} steps per timing, best of {rounds} rounds")
+    print(fbench.format_step_table(rows))
+    print(fbench.STEP_LEGEND)
+    worst = max(r["output_rel_diff"] for r in rows)
+    print(f"same initial weights: max relative difference of the two models' outputs before training {worst:.1e}")
+    if args.json:
+        _write_json({"fastbn": fastbn.__version__, "threads": numba.get_num_threads(), "env": env,
+                     "threading_layer": numba.threading_layer(), "steps": steps, "rounds": rounds,
+                     "rows": rows}, args.json)
+    return 0
+
+
 def bench_main(args):
     import json
     import platform
@@ -375,6 +416,8 @@ def bench_main(args):
     print(f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
           f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, {dtype}, "
           f"{platform.machine()}")
+    if args.step:
+        return step_main(args, dtype)
     llc_bytes = fbench.last_level_cache_bytes()
     rows = list(bench_rows(shapes, args.layouts, ops, dtype, quick=args.quick,
                            with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))

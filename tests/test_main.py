@@ -100,3 +100,21 @@ def test_bench_small_flag_times_the_small_shapes():
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
     assert [tuple(r["shape"]) for r in doc["rows"]] == [(32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)]
+
+
+def test_bench_step_compares_training_steps():
+    pytest = __import__("pytest")
+    pytest.importorskip("torch")
+    import os
+    env = dict(os.environ, FASTBN_BENCH_SMOKE="1")
+    result = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--step", "--quick", "--json", "-"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "thread settings: OMP_NUM_THREADS=" in result.stdout and "module hooks" in result.stdout
+    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    assert [(r["model"], r["memory_format"]) for r in doc["rows"]] == [
+        ("cnn", "NCHW"), ("cnn", "channels_last"), ("mlp", "-")]
+    for r in doc["rows"]:
+        assert r["output_rel_diff"] < 1e-4  # converted from the same initial weights
+        assert r["step_ratio"] == r["torch_step_s"] / r["fastbn_step_s"]
+        assert 0 < r["torch_bn_share"] < 1 and 0 < r["fastbn_bn_share"] < 1
