@@ -84,7 +84,11 @@ def build_parser():
                         help="N,C,H,W (NCHW order; NHWC uses the same sizes); default %(default)s")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per measurement")
-    sub = parser.add_subparsers(dest="command", metavar="{bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,warmup}")
+    warm = sub.add_parser("warmup", help="compile fastbn's CPU kernels into Numba's on-disk cache",
+                          description=WARMUP_DOC)
+    warm.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    warm.add_argument("--layouts", nargs="+", default=list(fbench.LAYOUTS), choices=list(fbench.LAYOUTS))
     bench = sub.add_parser(
         "bench", help="compare fastbn with the NumPy reference and PyTorch CPU, against a measured roofline",
         description=BENCH_DOC)
@@ -116,6 +120,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return bench_main(args)
+    if args.command == "warmup":
+        return warmup_main(args)
     shape = tuple(int(s) for s in args.shape.split(","))
     dtype = np.dtype(args.dtype)
 
@@ -147,6 +153,87 @@ def main(argv=None):
         print(f"{layout:6}  {name:16} {t_fast * 1e3:10.2f} {nbytes / t_fast / 1e9:7.1f} "
               f"{t_ref * 1e3:13.1f} {t_ref / t_fast:8.1f}x")
     return 0 if ok else 1
+
+
+WARMUP_DOC = """Compile every public CPU pass of fastbn (batch statistics, moments, training and
+eval forward with and without running statistics and affine parameters, backward) for the
+named dtypes and layouts, on tensors of rank 2 to 5, so that later processes load the
+kernels from Numba's disk cache instead of compiling them.  Where fastbn has a serial
+small-tensor path (fastbn.cpu.small), a second round compiles the parallel kernels too.
+Prints where the cache lives and how long each part took."""
+
+
+def cache_locations():
+    """The directories Numba's disk cache uses for fastbn's loaded kernels (from the
+    dispatchers' cache locators: NUMBA_CACHE_DIR, else __pycache__ beside the sources,
+    else Numba's user-wide cache directory)."""
+    from numba.core.dispatcher import Dispatcher
+    found = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fastbn"):
+            continue
+        for obj in list(vars(module).values()):
+            for d in (obj, getattr(obj, "parallel", None), getattr(obj, "_serial", None)):
+                cache = getattr(d, "_cache", None) if isinstance(d, Dispatcher) else None
+                path = getattr(cache, "_cache_path", None)
+                if path:
+                    found.add(path)
+    return sorted(found)
+
+
+def warmup_calls(dtype, layout):
+    """Run each public pass once on tiny inputs of ``dtype`` in ``layout`` (ranks 2-5)."""
+    from fastbn import stages
+    shapes = [(6, 4), (3, 4, 5), (2, 4, 3, 5), (2, 4, 2, 3, 3)]
+    for shape in shapes:
+        if layout == "NHWC" and len(shape) == 2:
+            continue  # (N, C) has one memory order; the NCHW round covers it
+        x, dy, w, b, rm, rv = fbench.make_inputs(shape, layout, dtype)
+        fastbn.batch_stats(x, layout=layout)
+        stages.moments(x, layout=layout)
+        for weight, bias in ((w, b), (None, None)):
+            y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, layout=layout)
+            fastbn.batch_norm_forward(x, weight, bias, running_mean=rm.copy(), running_var=rv.copy(),
+                                      layout=layout, out=np.empty_like(x))
+            fastbn.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv, training=False,
+                                      layout=layout)
+            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout)
+            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout, out=np.empty_like(x))
+
+
+def warmup_main(args):
+    import importlib
+    small = None
+    try:
+        small = importlib.import_module("fastbn.cpu.small")
+    except ImportError:
+        pass
+    rounds = [("", None)]
+    if small is not None and hasattr(small, "SMALL_SIZE"):
+        rounds.append((" (parallel kernels: SMALL_SIZE = 0)", 0))
+    print(f"fastbn {fastbn.__version__}, numba {numba.__version__}: warming the disk cache for "
+          f"{' '.join(args.dtypes)} x {' '.join(args.layouts)}")
+    start = time.perf_counter()
+    for label, size in rounds:
+        saved = None
+        if size is not None:
+            saved, small.SMALL_SIZE = small.SMALL_SIZE, size
+        try:
+            for dtype in args.dtypes:
+                for layout in args.layouts:
+                    t0 = time.perf_counter()
+                    warmup_calls(np.dtype(dtype), layout)
+                    print(f"  {dtype} {layout}{label}: {time.perf_counter() - t0:.1f} s")
+        finally:
+            if saved is not None:
+                small.SMALL_SIZE = saved
+    print(f"done in {time.perf_counter() - start:.1f} s (compiling, or loading what was already cached)")
+    env_dir = numba.config.CACHE_DIR
+    print(f"NUMBA_CACHE_DIR: {env_dir or '(unset)'}")
+    locations = cache_locations()
+    print("cache: " + (", ".join(locations) if locations else "none (caching unavailable: kernels compile "
+                                                                  "in memory in every process)"))
+    return 0
 
 
 BENCH_DOC = """Time every op (batch statistics, training forward, eval forward, backward) in both

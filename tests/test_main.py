@@ -118,3 +118,16 @@ def test_bench_step_compares_training_steps():
         assert r["output_rel_diff"] < 1e-4  # converted from the same initial weights
         assert r["step_ratio"] == r["torch_step_s"] / r["fastbn_step_s"]
         assert 0 < r["torch_bn_share"] < 1 and 0 < r["fastbn_bn_share"] < 1
+
+
+def test_warmup_fills_the_disk_cache(tmp_path):
+    import os
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "fastbn", "warmup", "--dtypes", "float32", "--layouts", "NCHW"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"NUMBA_CACHE_DIR: {tmp_path}" in result.stdout
+    index_files = list(tmp_path.rglob("*.nbi"))
+    assert index_files and list(tmp_path.rglob("*.nbc"))
+    cache_line = next(line for line in result.stdout.splitlines() if line.startswith("cache: "))
+    assert str(tmp_path) in cache_line
