@@ -114,3 +114,71 @@ class Memory:
             fastbn.batch_norm_forward(self.x, self.w, self.b, layout=layout)
         else:
             fastbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w, layout=layout)
+
+
+# asv runs the current benchmarks against every commit of a range: what is new in
+# fastbn.bench gets a fallback, so older commits still import and run this suite.
+_SMALL = getattr(fbench, "SMALL_SHAPES", ((32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)))
+SMALL_SHAPES = [fbench.shape_label(s) for s in (_SMALL[:2] if SMOKE else _SMALL)]
+_per_call = getattr(fbench, "best_per_call", fbench.best_time)
+SMALL_OPS = ["forward_train", "forward_eval", "backward"]
+
+
+def _skip_layoutless(layout, shape):
+    """A 2-D (N, C) batch has one memory order: its NHWC case would repeat the NCHW one."""
+    if layout == "NHWC" and len(fbench.parse_shape(shape)) == 2:
+        raise NotImplementedError("(N, C) has no channel-last order")
+
+
+class SmallBatchNorm:
+    """Per-call time of fastbn on small layers (an MLP's features, a small CNN's
+    activations), float32, the default thread count: a call's fixed cost (checks,
+    temporaries, launches) rather than bandwidth.  asv picks the calls per sample, so
+    each sample is a loop of calls and the result is the time of one call in it."""
+
+    params = (SMALL_OPS, LAYOUTS, SMALL_SHAPES)
+    param_names = ["op", "layout", "shape"]
+    timeout = 120
+    number = 0
+    repeat = (1, 5, 5.0) if SMOKE else (3, 20, 20.0)
+    warmup_time = 0.05
+
+    def setup(self, op, layout, shape):
+        _skip_layoutless(layout, shape)
+        fbench.set_threads(numba.config.NUMBA_NUM_THREADS)
+        self.fn = fbench.Fastbn().prepare(op, layout, fbench.parse_shape(shape), np.dtype(np.float32))
+        self.fn()
+
+    def time_fastbn(self, op, layout, shape):
+        self.fn()
+
+
+class SmallVsTorch:
+    """On the same small layers: PyTorch CPU's per-call time over fastbn's (``F.batch_norm``
+    without autograd; backward: ``aten.native_batch_norm_backward``), both measured in
+    setup, in this process; >= 1 means fastbn is at least as fast.  Skipped without torch."""
+
+    params = (SMALL_OPS, LAYOUTS, SMALL_SHAPES)
+    param_names = ["op", "layout", "shape"]
+    timeout = 120
+
+    def setup(self, op, layout, shape):
+        _skip_layoutless(layout, shape)
+        if not fbench.Torch.available():
+            raise NotImplementedError("PyTorch is not installed")
+        import time
+        fbench.set_threads(numba.config.NUMBA_NUM_THREADS)
+        shape = fbench.parse_shape(shape)
+        repeat, min_time = (3, 0.0) if SMOKE else (20, 0.2)
+        fns = {cls.name: cls().prepare(op, layout, shape, np.dtype(np.float32)) for cls in (fbench.Fastbn, fbench.Torch)}
+        best = {}
+        for _ in range(1 if SMOKE else 3):  # alternate, pausing so the other pool's workers stop spinning
+            for name, fn in fns.items():
+                time.sleep(0.05)
+                best[name] = min(best.get(name, float("inf")), _per_call(fn, repeat, min_time))
+        self.ratio = best["torch"] / best["fastbn"]
+
+    def track_torch_over_fastbn(self, op, layout, shape):
+        return self.ratio
+
+    track_torch_over_fastbn.unit = "ratio"
