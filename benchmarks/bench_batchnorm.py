@@ -20,6 +20,11 @@ DTYPES = ["float32"] if SMOKE else ["float32", "float64"]
 THREADS = [1] if SMOKE else [t for t in fbench.THREADS if t <= numba.config.NUMBA_NUM_THREADS]
 OPS = list(fbench.OPS)
 LAYOUTS = list(fbench.LAYOUTS)
+# asv runs the current benchmarks against every commit of a range: what is new in
+# fastbn.bench gets a fallback, so older commits still import and run this suite.
+_SMALL = getattr(fbench, "SMALL_SHAPES", ((32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)))
+SMALL_SHAPES = [fbench.shape_label(s) for s in (_SMALL[:2] if SMOKE else _SMALL)]
+_per_call = getattr(fbench, "best_per_call", fbench.best_time)
 
 
 def _prepare(op, layout, dtype, shape, threads):
@@ -48,19 +53,33 @@ class BatchNorm:
 
 class Throughput:
     """Effective GB/s (traffic model of :mod:`fastbn.bench`) and the fraction of the
-    machine's bandwidth it reaches, measured with fastbn's own read/copy kernels
-    (``fastbn.cpu.bandwidth``) over the same bytes, in the same process."""
+    roofline it reaches: the same traffic as plain read/copy passes over the case's own
+    arrays (same bytes, same cache state), timed right after it in the same process
+    (``fastbn.bench.case_roofline``; older commits: ``fastbn.cpu.bandwidth`` over a fresh
+    tensor's bytes)."""
 
     params = (OPS, LAYOUTS, DTYPES, SHAPES, THREADS)
     param_names = ["op", "layout", "dtype", "shape", "threads"]
     timeout = 300
 
     def setup(self, op, layout, dtype, shape, threads):
-        self.fn = _prepare(op, layout, dtype, shape, threads)
         self.shape = fbench.parse_shape(shape)
         repeat, min_time = (3, 0.0) if SMOKE else (20, 0.2)
-        self.seconds = fbench.best_time(self.fn, repeat, min_time)
-        self.roof = fbench.roofline(self.shape, dtype, repeat, min_time / 2)
+        per_shape = hasattr(fbench, "case_roofline")
+        if per_shape:
+            fbench.sharing_inputs(True)  # the op and its bound read the same arrays
+        try:
+            self.fn = _prepare(op, layout, dtype, shape, threads)
+            self.seconds = _per_call(self.fn, repeat, min_time)
+            if per_shape:
+                x, dy = fbench.shared_inputs(self.shape, layout, dtype)[:2]
+                out = fbench.shared_output(self.shape, layout, dtype)
+                self.roof_s = fbench.case_roofline(op, x, dy, out, repeat, min_time / 2)
+            else:
+                self.roof_s = fbench.roofline_seconds(op, fbench.roofline(self.shape, dtype, repeat, min_time / 2))
+        finally:
+            if per_shape:
+                fbench.sharing_inputs(False)
 
     def track_gbps(self, op, layout, dtype, shape, threads):
         return fbench.traffic_bytes(op, self.shape, dtype) / self.seconds / 1e9
@@ -68,7 +87,7 @@ class Throughput:
     track_gbps.unit = "GB/s"
 
     def track_roofline_fraction(self, op, layout, dtype, shape, threads):
-        return fbench.roofline_seconds(op, self.roof) / self.seconds
+        return self.roof_s / self.seconds
 
     track_roofline_fraction.unit = "fraction of roofline"
 
@@ -116,11 +135,6 @@ class Memory:
             fastbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w, layout=layout)
 
 
-# asv runs the current benchmarks against every commit of a range: what is new in
-# fastbn.bench gets a fallback, so older commits still import and run this suite.
-_SMALL = getattr(fbench, "SMALL_SHAPES", ((32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)))
-SMALL_SHAPES = [fbench.shape_label(s) for s in (_SMALL[:2] if SMOKE else _SMALL)]
-_per_call = getattr(fbench, "best_per_call", fbench.best_time)
 SMALL_OPS = ["forward_train", "forward_eval", "backward"]
 
 
