@@ -1,6 +1,8 @@
 """``python -m fastbn``: check fastbn against the NumPy reference, then time it.
 
-``python -m fastbn bench`` runs the full comparison instead (see :func:`bench_main`).
+``python -m fastbn bench`` runs the full comparison instead (see :func:`bench_main`;
+``--small`` for the small layers, ``--step`` for whole training steps with PyTorch), and
+``python -m fastbn warmup`` fills Numba's disk cache ahead of time (see :func:`warmup_main`).
 
 The plain invocation prints one table: for each layout and pass, fastbn's time (ms), its effective bandwidth
 (traffic model: training forward reads x twice and writes y = 3 tensor passes; backward
