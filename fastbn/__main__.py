@@ -1,6 +1,8 @@
 """``python -m fastbn``: check fastbn against the NumPy reference, then time it.
 
-``python -m fastbn bench`` runs the full comparison instead (see :func:`bench_main`).
+``python -m fastbn bench`` runs the full comparison instead (see :func:`bench_main`;
+``--small`` for the small layers, ``--step`` for whole training steps with PyTorch), and
+``python -m fastbn warmup`` fills Numba's disk cache ahead of time (see :func:`warmup_main`).
 
 The plain invocation prints one table: for each layout and pass, fastbn's time (ms), its effective bandwidth
 (traffic model: training forward reads x twice and writes y = 3 tensor passes; backward
@@ -84,12 +86,20 @@ def build_parser():
                         help="N,C,H,W (NCHW order; NHWC uses the same sizes); default %(default)s")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per measurement")
-    sub = parser.add_subparsers(dest="command", metavar="{bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,warmup}")
+    warm = sub.add_parser("warmup", help="compile fastbn's CPU kernels into Numba's on-disk cache",
+                          description=WARMUP_DOC)
+    warm.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    warm.add_argument("--layouts", nargs="+", default=list(fbench.LAYOUTS), choices=list(fbench.LAYOUTS))
     bench = sub.add_parser(
         "bench", help="compare fastbn with the NumPy reference and PyTorch CPU, against a measured roofline",
         description=BENCH_DOC)
     bench.add_argument("--shapes", nargs="+", metavar="SHAPE",
-                       help="shapes in NCHW order, e.g. 32,64,56,56 4096,1024 (default: the suite's)")
+                       help="shapes in NCHW order, e.g. 32,64,56,56 4096,1024, or a named set: "
+                            f"{', '.join(fbench.SHAPE_SETS)} (default: suite)")
+    bench.add_argument("--small", action="store_true",
+                       help="the small shapes (" + " ".join(map(fbench.shape_label, fbench.SMALL_SHAPES))
+                            + "), per-call times in us; ops default to forward_train forward_eval backward")
     bench.add_argument("--dtype", dest="bench_dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--ops", nargs="+", default=None, choices=list(fbench.OPS), metavar="OP",
                        help=f"subset of {', '.join(fbench.OPS)}")
@@ -99,6 +109,10 @@ def build_parser():
     bench.add_argument("--rounds", type=int, default=3,
                        help="interleaved timing rounds per shape, best kept (default %(default)s)")
     bench.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
+    bench.add_argument("--step", action="store_true",
+                       help="instead: time a training step (small CNN in NCHW and channels_last, MLP) in native "
+                            "torch and after fastbn.torch.convert, and the batch-norm share of each (needs torch)")
+    bench.add_argument("--steps", type=int, default=20, help="--step: steps per timing (default %(default)s)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     bench.add_argument("--plot", metavar="FILE.png", help="bar chart of GB/s against the roofline (needs matplotlib)")
     return parser
@@ -108,6 +122,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return bench_main(args)
+    if args.command == "warmup":
+        return warmup_main(args)
     shape = tuple(int(s) for s in args.shape.split(","))
     dtype = np.dtype(args.dtype)
 
@@ -141,18 +157,100 @@ def main(argv=None):
     return 0 if ok else 1
 
 
+WARMUP_DOC = """Compile every public CPU pass of fastbn (batch statistics, moments, training and
+eval forward with and without running statistics and affine parameters, backward) for the
+named dtypes and layouts, on tensors of rank 2 to 5, so that later processes load the
+kernels from Numba's disk cache instead of compiling them.  Where fastbn has a serial
+small-tensor path (fastbn.cpu.small), a second round compiles the parallel kernels too.
+Prints where the cache lives and how long each part took."""
+
+
+def cache_locations():
+    """The directories Numba's disk cache uses for fastbn's loaded kernels (from the
+    dispatchers' cache locators: NUMBA_CACHE_DIR, else __pycache__ beside the sources,
+    else Numba's user-wide cache directory)."""
+    from numba.core.dispatcher import Dispatcher
+    found = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fastbn"):
+            continue
+        for obj in list(vars(module).values()):
+            for d in (obj, getattr(obj, "parallel", None), getattr(obj, "_serial", None)):
+                cache = getattr(d, "_cache", None) if isinstance(d, Dispatcher) else None
+                path = getattr(cache, "_cache_path", None)
+                if path:
+                    found.add(path)
+    return sorted(found)
+
+
+def warmup_calls(dtype, layout):
+    """Run each public pass once on tiny inputs of ``dtype`` in ``layout`` (ranks 2-5)."""
+    from fastbn import stages
+    shapes = [(6, 4), (3, 4, 5), (2, 4, 3, 5), (2, 4, 2, 3, 3)]
+    for shape in shapes:
+        if layout == "NHWC" and len(shape) == 2:
+            continue  # (N, C) has one memory order; the NCHW round covers it
+        x, dy, w, b, rm, rv = fbench.make_inputs(shape, layout, dtype)
+        fastbn.batch_stats(x, layout=layout)
+        stages.moments(x, layout=layout)
+        for weight, bias in ((w, b), (None, None)):
+            y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, layout=layout)
+            fastbn.batch_norm_forward(x, weight, bias, running_mean=rm.copy(), running_var=rv.copy(),
+                                      layout=layout, out=np.empty_like(x))
+            fastbn.batch_norm_forward(x, weight, bias, running_mean=rm, running_var=rv, training=False,
+                                      layout=layout)
+            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout)
+            fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout, out=np.empty_like(x))
+
+
+def warmup_main(args):
+    import importlib
+    small = None
+    try:
+        small = importlib.import_module("fastbn.cpu.small")
+    except ImportError:
+        pass
+    rounds = [("", None)]
+    if small is not None and hasattr(small, "SMALL_SIZE"):
+        rounds.append((" (parallel kernels: SMALL_SIZE = 0)", 0))
+    print(f"fastbn {fastbn.__version__}, numba {numba.__version__}: warming the disk cache for "
+          f"{' '.join(args.dtypes)} x {' '.join(args.layouts)}")
+    start = time.perf_counter()
+    for label, size in rounds:
+        saved = None
+        if size is not None:
+            saved, small.SMALL_SIZE = small.SMALL_SIZE, size
+        try:
+            for dtype in args.dtypes:
+                for layout in args.layouts:
+                    t0 = time.perf_counter()
+                    warmup_calls(np.dtype(dtype), layout)
+                    print(f"  {dtype} {layout}{label}: {time.perf_counter() - t0:.1f} s")
+        finally:
+            if saved is not None:
+                small.SMALL_SIZE = saved
+    print(f"done in {time.perf_counter() - start:.1f} s (compiling, or loading what was already cached)")
+    env_dir = numba.config.CACHE_DIR
+    print(f"NUMBA_CACHE_DIR: {env_dir or '(unset)'}")
+    locations = cache_locations()
+    print("cache: " + (", ".join(locations) if locations else "none (caching unavailable: kernels compile "
+                                                                  "in memory in every process)"))
+    return 0
+
+
 BENCH_DOC = """Time every op (batch statistics, training forward, eval forward, backward) in both
 layouts: fastbn's best time, its effective bandwidth (traffic model: stats 1, training
 forward 3, eval forward 2, backward 5 tensor passes), the percentage of a roofline
-measured in the same run with fastbn's own bandwidth kernels (a read pass and a copy pass
-over the same bytes, fastbn.cpu.bandwidth), and the speed-up over the NumPy reference and
+measured right after each case over the case's own arrays (the same traffic as plain read
+and copy passes, fastbn.bench.case_roofline), whether the case fits in the last-level
+cache ("in-cache") or not ("DRAM"), and the speed-up over the float64 NumPy reference and
 over PyTorch CPU (F.batch_norm; NHWC against channels_last) when torch is installed."""
 
 
 def _progress(done, total, text):
     """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
     if not sys.stderr.isatty():
-        if done == total or text.startswith("round 1/") and "roofline" in text:
+        if done == total or done * 10 // max(total, 1) != (done - 1) * 10 // max(total, 1):
             sys.stderr.write(f"[{done}/{total}] {text}\n")
         return
     width = 24
@@ -161,24 +259,53 @@ def _progress(done, total, text):
     sys.stderr.flush()
 
 
+def progress_total(n_shapes, n_compile, n_timed, rounds):
+    """Steps of a report: per shape, one per (layout, op, implementation) prepared, then one
+    per timed case in the first round and one per non-reference case in later rounds."""
+    return n_shapes * n_compile + n_timed[0] + (rounds - 1) * n_timed[1]
+
+
+#: % of roofline above which a row is flagged: the bound is timed like the kernel, so a
+#: kernel "faster than its bound" means the two timings disagree (load, noise).
+ROOF_FLAG = 1.10
+
+
 def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, rounds=3,
-               progress=_progress):
+               progress=_progress, llc_bytes=None):
     """Measure every (shape, layout, op); yields one dict per case.
 
     Per shape, every case is prepared (inputs shared by the implementations), then timed
-    in ``rounds`` interleaved rounds, keeping each one's best time: a burst of load from
+    in ``rounds`` interleaved rounds, keeping each one's best per-call time (batches of
+    calls for microsecond cases, see fastbn._timing.best_per_call): a burst of load from
     other processes then spoils one round, not a case.  The roofline of each case is
-    measured right after fastbn's timing of it, in every round (best kept).
+    measured right after fastbn's timing of it, in every round (best kept), over the
+    case's own arrays (same bytes, same cache state; see fastbn.bench.case_roofline).
     The NumPy reference (slow) is timed in the first round only.
     """
     impls = fbench.available_implementations()
     if not with_reference:
         impls.pop("numpy", None)
+    llc_bytes = llc_bytes or fbench.last_level_cache_bytes()
     repeat, min_time = (3, 0.02) if quick else (10, 0.1)
     rounds = 1 if quick else max(1, rounds)
-    per_shape = len(layouts) * len(ops) * len(impls)
-    total = len(shapes) * (per_shape + rounds * (1 + per_shape - (len(layouts) * len(ops) if "numpy" in impls else 0)))
+    # Count the cases each shape will time, so the progress total is exact.
+    timed_first = timed_later = 0
+    prepared = []
+    for shape in shapes:
+        for layout in layouts:
+            for op in ops:
+                for name, cls in impls.items():
+                    if cls().supports(op, layout, shape, dtype):
+                        timed_first += 1
+                        timed_later += name != "numpy"
+    total = progress_total(len(shapes), len(layouts) * len(ops) * len(impls), (timed_first, timed_later), rounds)
     done = 0
+
+    def step(text):
+        nonlocal done
+        progress(min(done, total), total, text)
+        done += 1
+
     for shape in shapes:
         fbench.sharing_inputs(True)
         cases = []
@@ -186,21 +313,18 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
             for op in ops:
                 for name, cls in impls.items():
                     impl = cls()
+                    step(f"compile {name} {op} {layout} {fbench.shape_label(shape)}")
                     if impl.supports(op, layout, shape, dtype):
-                        progress(done, total, f"compile {name} {op} {layout} {fbench.shape_label(shape)}")
                         fn = impl.prepare(op, layout, shape, dtype)
                         fn()
                         cases.append((layout, op, name, fn))
-                    done += 1
         best = {}
         roofs = {}
         for r in range(rounds):
-            progress(done, total, f"round {r + 1}/{rounds} roofline {fbench.shape_label(shape)}")
-            done += 1
             for layout, op, name, fn in cases:
                 if name == "numpy" and r > 0:
                     continue
-                progress(done, total, f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)}")
+                step(f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)}")
                 # PyTorch and Numba each keep an OpenMP pool whose idle workers spin for a
                 # while before sleeping; a pause lets the other pool go to sleep first, so
                 # each implementation is timed with the cores to itself, in its default
@@ -209,23 +333,27 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                 if name == "numpy":
                     t = fbench.best_time(fn, 1 if quick else 3, 0.0, max_time=2.0)
                 else:
-                    t = fbench.best_time(fn, repeat, min_time)
+                    t = fbench.best_per_call(fn, repeat, min_time)
                 key = (layout, op, name)
                 best[key] = min(best.get(key, float("inf")), t)
                 if name == "fastbn":
-                    # The roofline right after the case it bounds: this machine's bandwidth
-                    # drifts over a run, and a bound measured at another moment can read
-                    # below the kernel it is meant to bound.
-                    probe = fbench.roofline(shape, dtype, repeat=repeat, min_time=min_time, fresh=True)
-                    roofs[(layout, op)] = min(roofs.get((layout, op), float("inf")),
-                                              fbench.roofline_seconds(op, probe))
-                done += 1
+                    # The bound right after the case it bounds, over the same arrays: this
+                    # machine's bandwidth drifts over a run, and a bound measured at another
+                    # moment or on other bytes can read below the kernel it is meant to bound.
+                    x, dy, _, _, _, _ = fbench.shared_inputs(shape, layout, dtype)
+                    out = fbench.shared_output(shape, layout, dtype)
+                    roof = fbench.case_roofline(op, x, dy, out, repeat, min_time)
+                    roofs[(layout, op)] = min(roofs.get((layout, op), float("inf")), roof)
         del cases
         fbench.sharing_inputs(False)
         for layout in layouts:
             for op in ops:
+                if (layout, op, "fastbn") not in best:
+                    continue
                 row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
-                       "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype)}
+                       "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype),
+                       "footprint_bytes": fbench.footprint_bytes(op, shape, dtype),
+                       "llc_bytes": llc_bytes, "cache": fbench.cache_label(op, shape, dtype, llc_bytes)}
                 for name in impls:
                     if (layout, op, name) in best:
                         row[f"{name}_s"] = best[(layout, op, name)]
@@ -233,6 +361,7 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                 row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
                 row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
                 row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
+                row["roofline_suspect"] = row["roofline_fraction"] > ROOF_FLAG
                 for name in impls:
                     if name != "fastbn" and f"{name}_s" in row:
                         row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["fastbn_s"]
@@ -242,20 +371,51 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
         sys.stderr.write("\n")
 
 
+def time_unit(rows):
+    """("us", 1e6) when most fastbn times are under a millisecond, else ("ms", 1e3)."""
+    if rows and sorted(r["fastbn_s"] for r in rows)[len(rows) // 2] < 1e-3:
+        return "us", 1e6
+    return "ms", 1e3
+
+
 def format_table(rows):
     names = [k[len("speedup_vs_"):] for k in rows[0] if k.startswith("speedup_vs_")] if rows else []
-    header = (f"{'shape':16} {'layout':6} {'op':13} {'fastbn ms':>9} {'GB/s':>6} {'roof GB/s':>9} "
-              f"{'% roof':>6}" + "".join(f" {name + ' ms':>9} {'vs ' + name:>9}" for name in names))
+    unit, scale = time_unit(rows)
+    header = (f"{'shape':16} {'layout':6} {'op':13} {'cache':8} {'fastbn ' + unit:>9} {'GB/s':>6} "
+              f"{'roof GB/s':>9} {'% roof':>7}" + "".join(f" {name + ' ' + unit:>9} {'vs ' + name:>9}"
+                                                       for name in names))
     lines = [header, "-" * len(header)]
     for r in rows:
-        line = (f"{fbench.shape_label(r['shape']):16} {r['layout']:6} {r['op']:13} {r['fastbn_s'] * 1e3:9.3f} "
-                f"{r['gbps']:6.1f} {r['roofline_gbps']:9.1f} {100 * r['roofline_fraction']:5.0f}%")
+        flag = "*" if r.get("roofline_suspect") else " "
+        line = (f"{fbench.shape_label(r['shape']):16} {r['layout']:6} {r['op']:13} {r['cache']:8} "
+                f"{r['fastbn_s'] * scale:9.3f} {r['gbps']:6.1f} {r['roofline_gbps']:9.1f} "
+                f"{100 * r['roofline_fraction']:5.0f}%{flag}")
         for name in names:
             if f"{name}_s" in r:
-                line += f" {r[name + '_s'] * 1e3:9.3f} {r['speedup_vs_' + name]:8.2f}x"
+                line += f" {r[name + '_s'] * scale:9.3f} {r['speedup_vs_' + name]:8.2f}x"
             else:
                 line += f" {'-':>9} {'-':>9}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def table_legend(rows, llc_bytes):
+    """What each column of :func:`format_table` means (printed under the table)."""
+    lines = [
+        "GB/s: traffic model (stats 1, forward_train 3, forward_eval 2, backward 5 tensor passes) / fastbn's time.",
+        "roof: the same traffic as plain data movement (read passes, then a copy pass) over the case's own arrays, "
+        "timed the same way right after the case (faster of a serial and a parallel probe); "
+        "% roof = roof time / fastbn time.",
+        f"cache: 'in-cache' when the op's footprint (distinct bytes: stats x; forward x, y; backward dy, x, dx) fits "
+        f"in the last-level cache ({llc_bytes / 2**20:.0f} MiB), else 'DRAM': in-cache GB/s are cache speeds.",
+        "vs numpy: the float64 NumPy reference's time (fastbn.reference, inputs upcast to float64) / fastbn's time; "
+        "vs torch: PyTorch CPU's time (F.batch_norm without autograd; backward: aten.native_batch_norm_backward, "
+        "the kernel alone, as for fastbn) / fastbn's time. Times are the best per-call time (batches of calls "
+        "for microsecond cases).",
+    ]
+    if any(r.get("roofline_suspect") for r in rows):
+        lines.append(f"*: above {100 * ROOF_FLAG:.0f}% of roof, i.e. the kernel and its bound were timed under "
+                     "different load; rerun on a quiet machine.")
     return "\n".join(lines)
 
 
@@ -286,6 +446,43 @@ def plot(rows, path):
     return True
 
 
+def _write_json(doc, path):
+    import json
+    if path == "-":
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+def step_main(args, dtype):
+    """``bench --step``: the training-step comparison (fastbn.bench.step_rows)."""
+    import os
+
+    if not fbench.Torch.available():
+        print("--step needs PyTorch (pip install torch)", file=sys.stderr)
+        return 2
+    if dtype != np.float32:
+        print("--step runs in float32 (the models' dtype)", file=sys.stderr)
+    env = {k: os.environ.get(k) for k in fbench.THREAD_ENV}
+    print("thread settings: " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in env.items()))
+    steps, rounds = (3, 1) if args.quick else (max(1, args.steps), max(1, args.rounds))
+    rows = list(fbench.step_rows(steps=steps, rounds=rounds, progress=_progress))
+    print(f"threading layer: numba {numba.threading_layer()}; "
+          f"{numba.get_num_threads()} Numba threads, {rows[0]['threads']} torch threads; "
+          f"{steps} steps per timing, best of {rounds} rounds")
+    print(fbench.format_step_table(rows))
+    print(fbench.STEP_LEGEND)
+    worst = max(r["output_rel_diff"] for r in rows)
+    print(f"same initial weights: max relative difference of the two models' outputs before training {worst:.1e}")
+    if args.json:
+        _write_json({"fastbn": fastbn.__version__, "threads": numba.get_num_threads(), "env": env,
+                     "threading_layer": numba.threading_layer(), "steps": steps, "rounds": rounds,
+                     "rows": rows}, args.json)
+    return 0
+
+
 def bench_main(args):
     import json
     import platform
@@ -293,8 +490,12 @@ def bench_main(args):
     if args.threads is not None:
         numba.set_num_threads(args.threads)
     dtype = np.dtype(args.bench_dtype)
-    shapes = ([fbench.parse_shape(s) for s in args.shapes] if args.shapes else list(fbench.shapes()))
-    ops = args.ops or list(fbench.OPS)
+    small = args.small or args.shapes == ["small"]
+    if args.small:
+        shapes = list(fbench.SMALL_SHAPES) + (fbench.parse_shapes(args.shapes) if args.shapes else [])
+    else:
+        shapes = fbench.parse_shapes(args.shapes) if args.shapes else list(fbench.shapes())
+    ops = args.ops or (["forward_train", "forward_eval", "backward"] if small else list(fbench.OPS))
     if fbench.Torch.available():
         import torch
         torch.set_num_threads(numba.get_num_threads())
@@ -304,15 +505,18 @@ def bench_main(args):
     print(f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
           f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, {dtype}, "
           f"{platform.machine()}")
+    if args.step:
+        return step_main(args, dtype)
+    llc_bytes = fbench.last_level_cache_bytes()
     rows = list(bench_rows(shapes, args.layouts, ops, dtype, quick=args.quick,
-                           with_reference=not args.no_reference, rounds=args.rounds))
+                           with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
     print(format_table(rows))
-    print("GB/s: traffic model (stats 1, forward_train 3, forward_eval 2, backward 5 tensor passes) / time; "
-          "roof: the same traffic at the speed of fastbn's read and copy passes over the tensor's bytes.")
+    print(table_legend(rows, llc_bytes))
     if args.json:
         doc = {"fastbn": fastbn.__version__, "numba": numba.__version__, "numpy": np.__version__,
                "torch": torch_version, "threads": numba.get_num_threads(), "dtype": dtype.name,
-               "machine": platform.machine(), "processor": platform.processor(), "rows": rows}
+               "machine": platform.machine(), "processor": platform.processor(), "llc_bytes": llc_bytes,
+               "rows": rows}
         if args.json == "-":
             json.dump(doc, sys.stdout, indent=1)
             print()

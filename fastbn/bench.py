@@ -24,12 +24,13 @@ PyTorch: ``channels_last``, the same logical NCHW tensor).
 
 import math
 import os
+import time
 
 import numpy as np
 
 import fastbn
 from fastbn import reference
-from fastbn._timing import best_time  # noqa: F401  (re-exported for the suites)
+from fastbn._timing import best_per_call, best_time  # noqa: F401  (re-exported for the suites)
 
 OPS = ("stats", "forward_train", "forward_eval", "backward")
 LAYOUTS = ("NCHW", "NHWC")
@@ -39,6 +40,12 @@ TRAFFIC = {"stats": 1, "forward_train": 3, "forward_eval": 2, "backward": 5}
 #: features, and one tensor larger than a typical last-level cache (103 MB float32).
 SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14), (64, 512, 7, 7), (8, 32, 112, 112),
           (4096, 1024), (32, 64, 112, 112))
+#: Small layers (an MLP's features, a small CNN's activations), where a call's fixed cost
+#: (argument checks, temporaries, launches) rather than bandwidth decides its time; timed
+#: per call (us).
+SMALL_SHAPES = ((32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16))
+#: Named shape sets for ``python -m fastbn bench --shapes NAME``.
+SHAPE_SETS = {"suite": SHAPES, "small": SMALL_SHAPES}
 #: Tiny stand-ins for smoke runs (CI): same ranks, milliseconds of work.
 SMOKE_SHAPES = ((4, 8, 6, 6), (64, 12))
 THREADS = (1, 2)
@@ -55,6 +62,18 @@ def shapes():
 
 def shape_label(shape):
     return "x".join(map(str, shape))
+
+
+def parse_shapes(items):
+    """Shapes from command-line items: ``N,C[,H,W]`` (or ``NxCxHxW``) or a set's name
+    (:data:`SHAPE_SETS`: ``suite``, ``small``)."""
+    shapes = []
+    for item in items:
+        if item in SHAPE_SETS:
+            shapes.extend(SHAPE_SETS[item])
+        else:
+            shapes.append(parse_shape(item))
+    return shapes
 
 
 def parse_shape(text):
@@ -84,6 +103,20 @@ def shared_inputs(shape, layout, dtype):
             _INPUT_CACHE[key] = make_inputs(shape, layout, dtype)
         return _INPUT_CACHE[key]
     return make_inputs(shape, layout, dtype)
+
+
+def shared_output(shape, layout, dtype):
+    """A preallocated output for fastbn's ``out=`` (pages mapped), shared like
+    :func:`shared_inputs`, so a case's roofline probe writes the very buffer it wrote."""
+    key = ("out", tuple(shape), layout, np.dtype(dtype).str)
+    if _INPUT_CACHE.get("on") and key in _INPUT_CACHE:
+        return _INPUT_CACHE[key]
+    x = shared_inputs(shape, layout, dtype)[0]
+    out = np.empty_like(x)
+    out.fill(0)  # map the pages now, not in the first timed call
+    if _INPUT_CACHE.get("on"):
+        _INPUT_CACHE[key] = out
+    return out
 
 
 def sharing_inputs(on):
@@ -125,8 +158,7 @@ class Fastbn(Implementation):
 
     def prepare(self, op, layout, shape, dtype):
         x, dy, w, b, rm, rv = shared_inputs(shape, layout, dtype)
-        out = np.empty_like(x)
-        out.fill(0)  # map the pages now, not in the first timed call
+        out = shared_output(shape, layout, dtype)
         if op == "stats":
             return lambda: fastbn.batch_stats(x, layout=layout)
         if op == "forward_train":
@@ -240,3 +272,279 @@ def roofline_seconds(op, roof):
             "forward_eval": roof["copy_s"],
             # read dy and x; then read dy, and read x while writing dx
             "backward": 3 * roof["read_s"] + roof["copy_s"]}[op]
+
+
+# --- Per-case roofline ------------------------------------------------------------------
+#
+# A case's bound is the plain data movement its traffic model implies, over the case's own
+# arrays (the same bytes, hence the same cache residency), in one compiled call, timed the
+# same way (warm-up call, then best of) right after the case.  A bound measured over other,
+# freshly allocated arrays, or as several separate launches, reads slower than the
+# kernel on small or in-cache tensors (percentages of thousands).
+
+import numba as _numba  # noqa: E402
+
+
+def _probe(a, b, out, reads, copy, chunks, partial):
+    """``reads`` read passes over a (and b when it has a's size), then out = a (+ b) when
+    ``copy``; each of ``chunks`` contiguous chunks is one work item, passes in sequence
+    within it, so a chunk larger than the caches is re-read from memory as a kernel's
+    second pass would be."""
+    n = a.size
+    two = b.size == n
+    for c in _numba.prange(chunks):
+        lo = c * n // chunks
+        hi = (c + 1) * n // chunks
+        s = 0.0
+        for _ in range(reads):
+            for i in range(lo, hi):
+                s += np.float64(a[i])
+            if two:
+                for i in range(lo, hi):
+                    s += np.float64(b[i])
+        if copy:
+            if two:
+                for i in range(lo, hi):
+                    out[i] = a[i] + b[i]
+            else:
+                for i in range(lo, hi):
+                    out[i] = a[i]
+        partial[c] = s
+
+
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_probe_parallel = _numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)(_probe)
+_probe_serial = _numba.njit(cache=True, fastmath=_FASTMATH)(_probe)
+
+#: Per op: (read passes over the inputs, whether a copy pass writes the output); backward
+#: reads dy and x, forward ops read x only.
+PROBE_PASSES = {"stats": (1, False), "forward_train": (1, True), "forward_eval": (0, True),
+                "backward": (1, True)}
+
+
+def case_roofline(op, x, dy, out, repeat=10, min_time=0.1, timer=None):
+    """Best time (s) of the data movement ``op`` implies over the case's own arrays ``x``,
+    ``dy`` (backward only) and ``out``: the faster of a serial and a parallel probe, since
+    either is a way to move those bytes."""
+    timer = timer or best_per_call
+    reads, copy = PROBE_PASSES[op]
+    a = x.reshape(-1)
+    b = dy.reshape(-1) if op == "backward" else a[:0]
+    o = out.reshape(-1)
+    best = float("inf")
+    for kernel, chunks in ((_probe_serial, 1), (_probe_parallel, max(1, _numba.get_num_threads()))):
+        partial = np.empty(chunks)
+        best = min(best, timer(lambda: kernel(a, b, o, reads, copy, chunks, partial), repeat, min_time))
+    return best
+
+
+def last_level_cache_bytes(sysfs="/sys/devices/system/cpu/cpu0/cache"):
+    """Size of the largest (last-level) cache, from Linux sysfs; ``os.sysconf`` or 32 MiB
+    when sysfs is not there."""
+    found = []
+    try:
+        for entry in os.listdir(sysfs):
+            if entry.startswith("index"):
+                with open(os.path.join(sysfs, entry, "level")) as f:
+                    level = int(f.read())
+                with open(os.path.join(sysfs, entry, "size")) as f:
+                    found.append((level, _parse_size(f.read())))
+    except (OSError, ValueError):
+        found = []
+    size = max(found)[1] if found else None
+    if size:
+        return size
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            value = os.sysconf(name)
+        except (ValueError, OSError, AttributeError):
+            continue
+        if value and value > 0:
+            return value
+    return 32 << 20
+
+
+def _parse_size(text):
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], None)
+    return int(text[:-1]) * scale if scale else int(text)
+
+
+#: Distinct tensors an op touches (its footprint): x; x, y; x, y; dy, x, dx.
+FOOTPRINT = {"stats": 1, "forward_train": 2, "forward_eval": 2, "backward": 3}
+
+
+def footprint_bytes(op, shape, dtype):
+    return FOOTPRINT[op] * math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def cache_label(op, shape, dtype, llc_bytes):
+    """"in-cache" when the op's footprint (the distinct bytes it touches) fits in the
+    last-level cache, else "DRAM"."""
+    return "in-cache" if footprint_bytes(op, shape, dtype) <= llc_bytes else "DRAM"
+
+
+# --- Training-step comparison (python -m fastbn bench --step) ------------------------------
+
+#: Environment variables that decide how the two thread pools behave; the step report
+#: prints them so a run says which settings it was measured under.
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+              "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
+
+
+def step_model(kind, seed=0):
+    """(model, input shape) of the training-step comparison, with seeded initial weights.
+
+    ``cnn``: four blocks conv3x3 -> BatchNorm2d -> ReLU (32, 64, 128, 256 channels, stride
+    2 in blocks 2-4), batch 32 of 3x64x64.  ``mlp``: four Linear(512) -> BatchNorm1d ->
+    ReLU, batch 256 of 512 features.  In smoke mode (:func:`smoke`) the same structure,
+    a few channels and a small batch (checks that the comparison runs)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    tiny = smoke()
+    if kind == "cnn":
+        cin = 3
+        for i, c in enumerate((4, 8, 8, 8) if tiny else (32, 64, 128, 256)):
+            layers += [nn.Conv2d(cin, c, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(c), nn.ReLU()]
+            cin = c
+        return nn.Sequential(*layers), (4, 3, 16, 16) if tiny else (32, 3, 64, 64)
+    if kind == "mlp":
+        width = 16 if tiny else 512
+        for _ in range(4):
+            layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
+        return nn.Sequential(*layers), (8 if tiny else 256, width)
+    raise ValueError(f"unknown model {kind!r}")
+
+
+class BatchNormTimer:
+    """Wall time spent inside batch-norm modules, forward and backward, from module hooks:
+    forward pre-hook to forward hook, and full backward pre-hook (gradient of the output
+    ready) to full backward hook (gradient of the input computed).  Used in separate steps
+    from the timed ones (hooks cost time of their own)."""
+
+    def __init__(self, model):
+        import torch
+        self.seconds = 0.0
+        self._handles = []
+        self._start = {}
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                self._handles += [m.register_forward_pre_hook(self._begin),
+                                  m.register_forward_hook(self._end),
+                                  m.register_full_backward_pre_hook(self._begin),
+                                  m.register_full_backward_hook(self._end)]
+
+    def _begin(self, module, *args):
+        self._start[id(module)] = time.perf_counter()
+
+    def _end(self, module, *args):
+        self.seconds += time.perf_counter() - self._start.pop(id(module))
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def training_step(model, x, optimizer):
+    """One step: forward, a scalar loss, backward, SGD update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def step_cases(memory_formats=("NCHW", "channels_last")):
+    """(model kind, memory format) pairs of the comparison (the MLP has no memory format)."""
+    return [("cnn", fmt) for fmt in memory_formats] + [("mlp", "-")]
+
+
+def step_rows(cases=None, steps=10, rounds=3, pause=0.05, progress=None):
+    """Time native torch against ``fastbn.torch.convert`` on the same model, from the same
+    initial weights, in one process; yields a dict per (model, memory format).
+
+    Per round, each library runs ``steps`` timed steps (its mean per step; best round
+    kept), then the same number of steps with :class:`BatchNormTimer` hooks for its
+    batch-norm time.  The libraries alternate, with a pause between them so the idle
+    workers of one pool can stop spinning before the other starts.
+    """
+    import copy
+
+    import torch
+
+    import fastbn.torch as fastbn_torch
+
+    cases = cases or step_cases()
+    for i, (kind, fmt) in enumerate(cases):
+        if progress:
+            progress(i, len(cases), f"step {kind} {fmt}")
+        native, shape = step_model(kind)
+        converted = fastbn_torch.convert(copy.deepcopy(native))
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(shape, generator=gen)
+        if fmt == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+            native = native.to(memory_format=torch.channels_last)
+            converted = converted.to(memory_format=torch.channels_last)
+        with torch.no_grad():  # same weights: the two outputs agree before any step
+            ref, out = native(x), converted(x)
+            output_diff = float((ref - out).abs().max() / ref.abs().max())
+        models = {"torch": native, "fastbn": converted}
+        opts = {name: torch.optim.SGD(m.parameters(), lr=1e-3) for name, m in models.items()}
+        for name in models:  # warm up: compile / load kernels, allocator, autograd graph
+            for _ in range(2):
+                training_step(models[name], x, opts[name])
+        best = {}
+        bn = {}
+        for _ in range(max(1, rounds)):
+            for name, model in models.items():
+                time.sleep(pause)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    training_step(model, x, opts[name])
+                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t0) / steps)
+                time.sleep(pause)
+                timer = BatchNormTimer(model)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    training_step(model, x, opts[name])
+                hooked = (time.perf_counter() - t0) / steps
+                timer.remove()
+                share = timer.seconds / steps / hooked
+                if name not in bn or timer.seconds / steps < bn[name][0]:
+                    bn[name] = (timer.seconds / steps, share)
+        yield {"model": kind, "memory_format": fmt, "input_shape": list(shape),
+               "threads": torch.get_num_threads(), "output_rel_diff": output_diff,
+               "torch_step_s": best["torch"], "fastbn_step_s": best["fastbn"],
+               "step_ratio": best["torch"] / best["fastbn"],
+               "torch_bn_s": bn["torch"][0], "fastbn_bn_s": bn["fastbn"][0],
+               "torch_bn_share": bn["torch"][1], "fastbn_bn_share": bn["fastbn"][1],
+               "bn_ratio": bn["torch"][0] / bn["fastbn"][0]}
+    if progress:
+        progress(len(cases), len(cases), "done")
+
+
+def format_step_table(rows):
+    header = (f"{'model':5} {'format':13} {'torch ms':>9} {'fastbn ms':>9} {'step x':>7} "
+              f"{'BN torch ms':>11} {'BN fastbn ms':>12} {'BN x':>6} {'BN % torch':>10} {'BN % fastbn':>11}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['model']:5} {r['memory_format']:13} {r['torch_step_s'] * 1e3:9.2f} "
+                     f"{r['fastbn_step_s'] * 1e3:9.2f} {r['step_ratio']:6.2f}x {r['torch_bn_s'] * 1e3:11.2f} "
+                     f"{r['fastbn_bn_s'] * 1e3:12.2f} {r['bn_ratio']:5.2f}x {100 * r['torch_bn_share']:9.0f}% "
+                     f"{100 * r['fastbn_bn_share']:10.0f}%")
+    return "\n".join(lines)
+
+
+STEP_LEGEND = (
+    "step: forward + loss + backward + SGD update, mean per step over a batch of steps, best round; "
+    "step x = torch step / fastbn step (> 1: fastbn.torch.convert makes the step faster).\n"
+    "BN: time inside the batch-norm modules per step (forward and backward), from module hooks "
+    "(forward pre-hook..hook, full backward pre-hook..hook) in separate, hooked steps; BN x = torch BN / fastbn BN; "
+    "BN % = BN time / the hooked step's time.\n"
+    "Both libraries run in this one process, alternating, with a pause between them; no OMP_WAIT_POLICY "
+    "or spin setting is forced (the environment's thread settings are printed above).")

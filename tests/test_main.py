@@ -31,3 +31,103 @@ def test_bench_report_json_rows_are_consistent():
         assert row["fastbn_s"] > 0 and row["roofline_s"] > 0
         assert row["gbps"] == row["bytes"] / row["fastbn_s"] / 1e9
         assert row["roofline_fraction"] == row["roofline_s"] / row["fastbn_s"]
+        assert row["roofline_suspect"] == (row["roofline_fraction"] > 1.10)
+        assert row["cache"] == "in-cache" and row["footprint_bytes"] <= row["llc_bytes"] == doc["llc_bytes"]
+    assert "float64 NumPy reference" in result.stdout
+    assert "native_batch_norm_backward" in result.stdout
+
+
+def test_progress_counter_never_exceeds_its_total():
+    import numpy as np
+
+    from fastbn import __main__ as cli
+    seen = []
+    rows = list(cli.bench_rows([(4, 8, 6, 6), (64, 12)], ["NCHW", "NHWC"], ["stats", "backward"],
+                               np.dtype(np.float32), quick=True, with_reference=True,
+                               progress=lambda done, total, text: seen.append((done, total))))
+    assert len(rows) == 2 * 2 * 2
+    totals = {total for _, total in seen}
+    assert len(totals) == 1
+    total = totals.pop()
+    assert all(0 <= done <= total for done, _ in seen)
+    assert seen[-1] == (total, total)
+    # every step but the final "done" is counted once: the total is exact, not an estimate
+    assert len(seen) == total + 1
+
+
+def test_cache_label_and_llc_size(tmp_path):
+    from fastbn import bench as fbench
+    for index, (level, size) in enumerate([(1, "48K"), (2, "2048K"), (3, "32M")]):
+        d = tmp_path / f"index{index}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+    llc = fbench.last_level_cache_bytes(str(tmp_path))
+    assert llc == 32 << 20
+    assert fbench.last_level_cache_bytes(str(tmp_path / "missing")) > 0  # fallback
+    # (32, 64, 56, 56) float32: x is 25.7 MB; training forward touches x and y (51 MB)
+    assert fbench.cache_label("stats", (32, 64, 56, 56), "float32", llc) == "in-cache"
+    assert fbench.cache_label("forward_train", (32, 64, 56, 56), "float32", llc) == "DRAM"
+    assert fbench.cache_label("backward", (8, 16, 8, 8), "float32", llc) == "in-cache"
+
+
+def test_table_flags_a_kernel_faster_than_its_bound():
+    from fastbn import __main__ as cli
+    base = {"shape": [4, 8], "layout": "NCHW", "op": "stats", "cache": "in-cache", "fastbn_s": 1e-5,
+            "gbps": 1.0, "roofline_gbps": 1.0}
+    ok = dict(base, roofline_fraction=0.5, roofline_suspect=False)
+    bad = dict(base, roofline_fraction=1.5, roofline_suspect=True)
+    table = cli.format_table([ok, bad])
+    assert "fastbn us" in table  # microsecond cases are printed in us
+    assert table.splitlines()[2].rstrip().endswith(" 50%") and table.splitlines()[3].endswith("150%*")
+    assert "*: above 110%" in cli.table_legend([ok, bad], 1 << 25)
+    assert "*:" not in cli.table_legend([ok], 1 << 25)
+
+
+def test_small_shape_set_and_per_call_timer():
+    from fastbn import _timing
+    from fastbn import bench as fbench
+    assert fbench.parse_shapes(["small"]) == [(32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)]
+    assert fbench.parse_shapes(["4,8", "2x3x4x5"]) == [(4, 8), (2, 3, 4, 5)]
+    calls = []
+    t = _timing.best_per_call(lambda: calls.append(1), repeat=3, min_time=0.0, batch_time=1e-4)
+    assert 0 < t < 1e-3 and len(calls) > 3 + 4  # warm-up, calibration, then batches of calls
+
+
+def test_bench_small_flag_times_the_small_shapes():
+    result = run_module("bench", "--small", "--quick", "--no-reference", "--layouts", "NCHW",
+                        "--ops", "forward_train", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    assert [tuple(r["shape"]) for r in doc["rows"]] == [(32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)]
+
+
+def test_bench_step_compares_training_steps():
+    pytest = __import__("pytest")
+    pytest.importorskip("torch")
+    import os
+    env = dict(os.environ, FASTBN_BENCH_SMOKE="1")
+    result = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--step", "--quick", "--json", "-"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "thread settings: OMP_NUM_THREADS=" in result.stdout and "module hooks" in result.stdout
+    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    assert [(r["model"], r["memory_format"]) for r in doc["rows"]] == [
+        ("cnn", "NCHW"), ("cnn", "channels_last"), ("mlp", "-")]
+    for r in doc["rows"]:
+        assert r["output_rel_diff"] < 1e-4  # converted from the same initial weights
+        assert r["step_ratio"] == r["torch_step_s"] / r["fastbn_step_s"]
+        assert 0 < r["torch_bn_share"] < 1 and 0 < r["fastbn_bn_share"] < 1
+
+
+def test_warmup_fills_the_disk_cache(tmp_path):
+    import os
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "fastbn", "warmup", "--dtypes", "float32", "--layouts", "NCHW"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"NUMBA_CACHE_DIR: {tmp_path}" in result.stdout
+    index_files = list(tmp_path.rglob("*.nbi"))
+    assert index_files and list(tmp_path.rglob("*.nbc"))
+    cache_line = next(line for line in result.stdout.splitlines() if line.startswith("cache: "))
+    assert str(tmp_path) in cache_line
