@@ -295,20 +295,24 @@ def _probe(a, b, out, reads, copy, chunks, partial):
     for c in _numba.prange(chunks):
         lo = c * n // chunks
         hi = (c + 1) * n // chunks
+        # Slice views and range(size): loops over computed bounds do not vectorize.
+        xs = a[lo:hi]
+        ys = out[lo:hi]
+        gs = b[lo:hi] if two else b
         s = 0.0
         for _ in range(reads):
-            for i in range(lo, hi):
-                s += np.float64(a[i])
+            for i in range(xs.size):
+                s += np.float64(xs[i])
             if two:
-                for i in range(lo, hi):
-                    s += np.float64(b[i])
+                for i in range(gs.size):
+                    s += np.float64(gs[i])
         if copy:
             if two:
-                for i in range(lo, hi):
-                    out[i] = a[i] + b[i]
+                for i in range(xs.size):
+                    ys[i] = xs[i] + gs[i]
             else:
-                for i in range(lo, hi):
-                    out[i] = a[i]
+                for i in range(xs.size):
+                    ys[i] = xs[i]
         partial[c] = s
 
 
