@@ -40,9 +40,9 @@ def test_bench_report_json_rows_are_consistent():
 def test_progress_counter_never_exceeds_its_total():
     import numpy as np
 
-    from fastbn import __main__ as cli
+    from fastbn import bench_report as report
     seen = []
-    rows = list(cli.bench_rows([(4, 8, 6, 6), (64, 12)], ["NCHW", "NHWC"], ["stats", "backward"],
+    rows = list(report.bench_rows([(4, 8, 6, 6), (64, 12)], ["NCHW", "NHWC"], ["stats", "backward"],
                                np.dtype(np.float32), quick=True, with_reference=True,
                                progress=lambda done, total, text: seen.append((done, total))))
     assert len(rows) == 2 * 2 * 2
@@ -72,16 +72,16 @@ def test_cache_label_and_llc_size(tmp_path):
 
 
 def test_table_flags_a_kernel_faster_than_its_bound():
-    from fastbn import __main__ as cli
+    from fastbn import bench_report as report
     base = {"shape": [4, 8], "layout": "NCHW", "op": "stats", "cache": "in-cache", "fastbn_s": 1e-5,
             "gbps": 1.0, "roofline_gbps": 1.0}
     ok = dict(base, roofline_fraction=0.5, roofline_suspect=False)
     bad = dict(base, roofline_fraction=1.5, roofline_suspect=True)
-    table = cli.format_table([ok, bad])
+    table = report.format_table([ok, bad])
     assert "fastbn us" in table  # microsecond cases are printed in us
     assert table.splitlines()[2].rstrip().endswith(" 50%") and table.splitlines()[3].endswith("150%*")
-    assert "*: above 110%" in cli.table_legend([ok, bad], 1 << 25)
-    assert "*:" not in cli.table_legend([ok], 1 << 25)
+    assert "*: above 110%" in report.table_legend([ok, bad], 1 << 25)
+    assert "*:" not in report.table_legend([ok], 1 << 25)
 
 
 def test_small_shape_set_and_per_call_timer():
