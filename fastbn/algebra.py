@@ -119,6 +119,19 @@ def running_update(c, mean, var, count, momentum, running_mean, running_var):
 
 
 @register_jitable
+def batch_forward_channel(c, count, mean, m2, weight, bias, use_weight, use_bias, eps, big, momentum,
+                          running_mean, running_var, update_running, save_mean, save_invstd, center, scale,
+                          shift):
+    """:func:`forward_channel` from batch moments: float64 scalars ``count``, ``mean`` and
+    ``m2`` (var = M2 / count), with the :func:`running_update` when ``update_running``."""
+    var = m2 / count
+    if update_running:
+        running_update(c, mean, var, count, momentum, running_mean, running_var)
+    forward_channel(c, mean, var, weight, bias, use_weight, use_bias, eps, big,
+                    save_mean, save_invstd, center, scale, shift)
+
+
+@register_jitable
 def backward_channel(c, count, sum_dy, sum_dy_xmu, mean, invstd, weight, use_weight, training, big,
                      center, dy_scale, x_scale, shift):
     """Channel ``c``'s coefficients of ``dx = dy * dy_scale + (x - center) * x_scale + shift``.

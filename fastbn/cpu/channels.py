@@ -9,7 +9,8 @@ except the merge of a reduction's partials, which is O(partials * C).
 import numpy as np
 from numba import prange
 
-from ..algebra import backward_channel, chan_merge, forward_channel, parameter_gradients, running_update
+from ..algebra import (backward_channel, batch_forward_channel, chan_merge, forward_channel,
+                       parameter_gradients)
 from ._jit import parallel_kernel, serial_kernel
 
 #: Channels per work item of the partials merge.
@@ -63,14 +64,13 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, use_we
     :func:`fastbn.algebra.forward_channel` and :func:`fastbn.algebra.running_update`.
     """
     for c in range(mean.size):
-        m = np.float64(mean[c])
-        var = np.float64(second[c])
         if from_moments:
-            var = var / count[c]
-            if update_running:
-                running_update(c, m, var, count[c], momentum, running_mean, running_var)
-        forward_channel(c, m, var, weight, bias, use_weight, use_bias, eps, big,
-                        save_mean, save_invstd, center, scale, shift)
+            batch_forward_channel(c, np.float64(count[c]), np.float64(mean[c]), np.float64(second[c]), weight,
+                                  bias, use_weight, use_bias, eps, big, momentum, running_mean, running_var,
+                                  update_running, save_mean, save_invstd, center, scale, shift)
+        else:
+            forward_channel(c, np.float64(mean[c]), np.float64(second[c]), weight, bias, use_weight, use_bias,
+                            eps, big, save_mean, save_invstd, center, scale, shift)
 
 
 @serial_kernel

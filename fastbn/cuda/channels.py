@@ -13,7 +13,8 @@ import math
 import numpy as np
 from numba import cuda
 
-from ..algebra import backward_channel, chan_merge, forward_channel, parameter_gradients, running_update
+from ..algebra import (backward_channel, batch_forward_channel, chan_merge, forward_channel,
+                       parameter_gradients)
 
 
 @cuda.jit
@@ -32,15 +33,13 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, use_we
     c = cuda.grid(1)
     if c >= mean.shape[0]:
         return
-    m = np.float64(mean[c])
-    var = np.float64(second[c])
     if from_moments:
-        n = np.float64(count[c])
-        var = var / n
-        if update_running:
-            running_update(c, m, var, n, momentum, running_mean, running_var)
-    forward_channel(c, m, var, weight, bias, use_weight, use_bias, eps, big,
-                    save_mean, save_invstd, center, scale, shift)
+        batch_forward_channel(c, np.float64(count[c]), np.float64(mean[c]), np.float64(second[c]), weight, bias,
+                              use_weight, use_bias, eps, big, momentum, running_mean, running_var,
+                              update_running, save_mean, save_invstd, center, scale, shift)
+    else:
+        forward_channel(c, np.float64(mean[c]), np.float64(second[c]), weight, bias, use_weight, use_bias, eps,
+                        big, save_mean, save_invstd, center, scale, shift)
 
 
 @cuda.jit
@@ -128,11 +127,9 @@ def finish_moments(c, n, mean, m2, out_n, out_mean, out_m2, finalize, weight, bi
     out_mean[c] = mean
     out_m2[c] = m2
     if finalize:
-        var = m2 / n
-        if update_running:
-            running_update(c, mean, var, n, momentum, running_mean, running_var)
-        forward_channel(c, mean, var, weight, bias, use_weight, use_bias, eps, big,
-                        save_mean, save_invstd, center, scale, shift)
+        batch_forward_channel(c, n, mean, m2, weight, bias, use_weight, use_bias, eps, big, momentum,
+                              running_mean, running_var, update_running, save_mean, save_invstd, center, scale,
+                              shift)
 
 
 @cuda.jit(device=True)
