@@ -26,17 +26,18 @@ Contract shared by every public function (see also each docstring):
   :mod:`fastbn.cpu._jit`).
 """
 
-from . import _checks
+from . import _checks, dtypes
 from ._dispatch import select_backend
-from .dtypes import POLICIES
 
 
 def _param_dtype(x):
     """dtype of weight, bias and running statistics for input ``x`` (:mod:`fastbn.dtypes`);
     x's own for dtypes without a policy, which the input check then refuses."""
     dtype = _checks.dtype_of(x)
-    known = POLICIES.get(dtype.name)
-    return known.parameters if known else dtype
+    try:
+        return dtypes.policy(dtype).parameters
+    except KeyError:
+        return dtype
 
 
 def batch_stats(x, *, layout="NCHW"):
@@ -117,10 +118,12 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     b = backend.module
     geometry = b.geometry(x, layout)
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
-    fused = getattr(b, "fused_forward", None)  # the stages below in fewer launches (CUDA)
-    if fused is not None:
-        return fused(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
-                     geometry, out, dtype)
+    # The stages below in fewer launches (CUDA) or one call (small CPU tensors); None: not here.
+    fused = getattr(b, "fused_forward", None)
+    result = fused and fused(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
+                             float(eps), geometry, out, dtype)
+    if result is not None:
+        return result
     if training:
         m = b.moments(x, geometry)
         coefficients = b.forward_coefficients(
@@ -167,9 +170,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     b = backend.module
     geometry = b.geometry(x, layout)
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
-    fused = getattr(b, "fused_backward", None)  # the stages below in fewer launches (CUDA)
-    if fused is not None:
-        return fused(dy, x, save_mean, save_invstd, weight, bool(training), geometry, out, dtype)
+    fused = getattr(b, "fused_backward", None)  # as in batch_norm_forward
+    result = fused and fused(dy, x, save_mean, save_invstd, weight, bool(training), geometry, out, dtype)
+    if result is not None:
+        return result
     sums = b.backward_sums(dy, x, save_mean, geometry)
     dweight, dbias = b.parameter_gradients(sums, save_invstd, dtype)
     coefficients = b.backward_coefficients(sums, save_mean, save_invstd, weight, bool(training), dtype)

@@ -18,6 +18,8 @@ def dtype_of(array):
     """The NumPy dtype of ``array``: its ``dtype`` attribute, or for device arrays whose
     ``dtype`` is not a NumPy one (PyTorch CUDA tensors) the ``typestr`` of their
     ``__cuda_array_interface__``."""
+    if type(array) is np.ndarray:
+        return array.dtype
     try:
         return np.dtype(array.dtype)
     except TypeError:
@@ -46,7 +48,7 @@ def channel_axis(ndim, layout):
 
 def reject_masked(a, name):
     """Masked arrays are refused: their mask would be silently ignored."""
-    if isinstance(a, np.ma.MaskedArray):
+    if type(a) is not np.ndarray and isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name}: expected a plain array (the mask would be ignored), got a numpy masked array")
 
 

@@ -52,6 +52,8 @@ def select_backend(arrays):
     numpy.ndarray.  Device arrays select the CUDA backend (a RuntimeError when numba.cuda
     has no GPU).
     """
+    if all(a is None or type(a) is np.ndarray for a in arrays.values()):
+        return _CPU  # the common case, decided without the device checks below
     given = [(name, a) for name, a in arrays.items() if a is not None]
     on_device = [is_device_array(a) for _, a in given]
     for (name, a), device in zip(given, on_device):

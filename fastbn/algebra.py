@@ -12,6 +12,12 @@ a CPU loop over channels and a CUDA thread per channel make the same call.  Stor
 an output array round to that array's dtype; that is how the centre split below gets
 the mean rounded to the compute dtype without naming it.
 
+Optional inputs (weight, bias) are always read, absent ones from placeholder vectors of
+length C, and their flags choose between scalars: a branch around an array access kept
+Numba from pruning the arrays' reference counting in CPU loops, ~10x slower.  For the
+same reason the running-statistics update is a call of its own (:func:`running_update`)
+that a kernel makes under its flag, outside its channel loop on the CPU.
+
 Accuracy.  ``y = (x - mean) * scale + shift`` must not be evaluated as ``x * a + b``:
 on offset data (x = 1e6 + 0.01 * randn, float32) ``b`` is ~1e8 and the rounding of the
 product alone swamps ``y``.  The mean is split into ``center`` (the mean rounded to the
@@ -36,7 +42,19 @@ import numpy as np
 from numba.extending import register_jitable
 
 
-@register_jitable
+def algebra_function(fn):
+    """How every function below is registered (one place to change it).
+
+    Not inlined at the Numba IR level: in CUDA kernels that put the inlined branches
+    out of SSA scope.  LLVM inlines these small functions on the CPU anyway, as long as
+    a kernel calls them directly: a function calling another one with arrays was left
+    a call, and its arrays' reference counting made a channel loop ~10x slower.  So the
+    kernels call them flat (no function here calls one that takes arrays).
+    """
+    return register_jitable(fn)
+
+
+@algebra_function
 def shifted_moments(pivot, s1, s2, n):
     """(mean, M2) of ``n`` > 0 values from their sums shifted by ``pivot``.
 
@@ -51,7 +69,7 @@ def shifted_moments(pivot, s1, s2, n):
     return pivot + mean_shift, m2
 
 
-@register_jitable
+@algebra_function
 def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s merge of two (count, mean, M2) partials into one.
 
@@ -69,7 +87,7 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * (n_a * frac_b)
 
 
-@register_jitable
+@algebra_function
 def saturate(v, big):
     """``v`` clipped to [-big, big]; NaN passes through."""
     if v > big:
@@ -79,24 +97,26 @@ def saturate(v, big):
     return v
 
 
-@register_jitable
+@algebra_function
 def forward_channel(c, mean, var, weight, bias, use_weight, use_bias, eps, big,
                     save_mean, save_invstd, center, scale, shift):
     """Channel ``c``'s saved statistics and the coefficients of ``y = (x - center) * scale + shift``.
 
     mean, var: float64 scalars, the statistics to normalize with (batch or running; var
-    biased).  weight, bias: arrays read only when ``use_weight`` / ``use_bias`` (else
-    scale 1, shift 0).  save_mean, save_invstd: outputs, ``mean`` and
+    biased).  weight, bias: (C,) arrays, used only when ``use_weight`` / ``use_bias`` (else
+    scale 1, shift 0) but always read: absent ones are placeholders of length C.  save_mean, save_invstd: outputs, ``mean`` and
     ``1 / sqrt(var + eps)``.  center, scale, shift: outputs in the compute dtype, whose
     largest finite value is ``big``.
     """
     invstd = 1.0 / math.sqrt(var + eps)
+    w = np.float64(weight[c])
+    b = np.float64(bias[c])
     a = invstd
-    if use_weight:
-        a = invstd * np.float64(weight[c])
     t = 0.0
+    if use_weight:
+        a = invstd * w
     if use_bias:
-        t = np.float64(bias[c])
+        t = b
     save_mean[c] = mean
     save_invstd[c] = invstd
     center[c] = mean  # rounds to the compute dtype
@@ -104,34 +124,27 @@ def forward_channel(c, mean, var, weight, bias, use_weight, use_bias, eps, big,
     shift[c] = saturate(t - (mean - np.float64(center[c])) * a, big)
 
 
-@register_jitable
-def running_update(c, mean, var, count, momentum, running_mean, running_var):
+@algebra_function
+def population_variance(count, m2):
+    """Biased variance ``M2 / count`` of batch moments (float64 scalars)."""
+    return m2 / count
+
+
+@algebra_function
+def running_update(c, count, mean, m2, momentum, running_mean, running_var):
     """``r = (1 - momentum) * r + momentum * batch`` for channel ``c``, in place.
 
-    mean, var (biased) and count: float64 scalars, the batch statistics over ``count``
-    values.  The running variance gets the unbiased ``var * count / (count - 1)`` (as
-    PyTorch); ``count`` is that of the merged statistics, so statistics merged from
-    elsewhere unbias correctly.
+    count, mean, m2: float64 scalars, the batch moments.  The running variance gets the
+    unbiased ``var * count / (count - 1)`` (as PyTorch); ``count`` is that of the merged
+    statistics, so statistics merged from elsewhere unbias correctly.
     """
+    var = population_variance(count, m2)
     keep = 1.0 - momentum
     running_mean[c] = keep * np.float64(running_mean[c]) + momentum * mean
     running_var[c] = keep * np.float64(running_var[c]) + momentum * (var * (count / (count - 1.0)))
 
 
-@register_jitable
-def batch_forward_channel(c, count, mean, m2, weight, bias, use_weight, use_bias, eps, big, momentum,
-                          running_mean, running_var, update_running, save_mean, save_invstd, center, scale,
-                          shift):
-    """:func:`forward_channel` from batch moments: float64 scalars ``count``, ``mean`` and
-    ``m2`` (var = M2 / count), with the :func:`running_update` when ``update_running``."""
-    var = m2 / count
-    if update_running:
-        running_update(c, mean, var, count, momentum, running_mean, running_var)
-    forward_channel(c, mean, var, weight, bias, use_weight, use_bias, eps, big,
-                    save_mean, save_invstd, center, scale, shift)
-
-
-@register_jitable
+@algebra_function
 def backward_channel(c, count, sum_dy, sum_dy_xmu, mean, invstd, weight, use_weight, training, big,
                      center, dy_scale, x_scale, shift):
     """Channel ``c``'s coefficients of ``dx = dy * dy_scale + (x - center) * x_scale + shift``.
@@ -142,24 +155,28 @@ def backward_channel(c, count, sum_dy, sum_dy_xmu, mean, invstd, weight, use_wei
     ``shift = -dy_scale * sum_dy / count`` plus the centre remainder.  Eval (statistics
     are constants): ``dx = dy * dy_scale``, the other coefficients 0.
     """
+    w = np.float64(weight[c])
     ds = invstd
     if use_weight:
-        ds = invstd * np.float64(weight[c])
+        ds = invstd * w
     dy_scale[c] = saturate(ds, big)
+    rounded = 0.0
+    if training:
+        rounded = mean
+    center[c] = rounded  # rounds to the compute dtype
+    remainder = mean - np.float64(center[c])
+    xs = 0.0
+    sh = 0.0
     if training:
         # invstd * (invstd * mean(dy (x - mean))) first: 0 for a constant channel even
         # when invstd**2 overflows (tiny eps), where invstd * invstd * ... gave inf * 0 = NaN.
         xs = -ds * (invstd * (invstd * (sum_dy_xmu / count)))
-        center[c] = mean  # rounds to the compute dtype
-        x_scale[c] = saturate(xs, big)
-        shift[c] = saturate(-ds * (sum_dy / count) - (mean - np.float64(center[c])) * xs, big)
-    else:
-        center[c] = 0
-        x_scale[c] = 0
-        shift[c] = 0
+        sh = saturate(-ds * (sum_dy / count) - remainder * xs, big)
+    x_scale[c] = saturate(xs, big)
+    shift[c] = sh
 
 
-@register_jitable
+@algebra_function
 def parameter_gradients(c, sum_dy, sum_dy_xmu, invstd, dweight, dbias):
     """Channel ``c``'s ``dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean))`` and
     ``dbias = sum(dy)``, from float64 scalars."""

@@ -22,6 +22,7 @@ float64     float64     float64     float64       float64     cpu, cuda
 - :class:`fastbn.Moments` is float64 for every storage dtype: the merge runs in float64.
 """
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -49,9 +50,22 @@ POLICIES = {
 }
 
 
+#: Policies by the dtype objects callers pass, filled on first use: looking a dtype up
+#: by ``np.dtype(d).name`` costs a microsecond per call (the name is computed).
+_POLICY_OF = {}
+
+
 def policy(dtype):
     """The :class:`DtypePolicy` of storage ``dtype`` (KeyError for dtypes without one)."""
-    return POLICIES[np.dtype(dtype).name]
+    try:
+        return _POLICY_OF[dtype]
+    except (KeyError, TypeError):  # not seen yet, or unhashable
+        found = POLICIES[np.dtype(dtype).name]
+    try:
+        _POLICY_OF[dtype] = found
+    except TypeError:
+        pass
+    return found
 
 
 def storage_dtypes(backend):
@@ -64,6 +78,7 @@ def statistics_dtypes(backend):
     return tuple(dict.fromkeys(policy(d).statistics for d in storage_dtypes(backend)))
 
 
+@functools.lru_cache(maxsize=None)
 def largest(dtype):
     """The largest finite value of float ``dtype``: where coefficients saturate."""
     return float(np.finfo(dtype).max)

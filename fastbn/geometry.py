@@ -20,6 +20,7 @@ leading axes), instance norm (keep N and C) and virtual batches (keep a slice of
 are other choices of kept axes over the same two families.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -57,6 +58,7 @@ class Geometry(NamedTuple):
         return self.outer * self.inner
 
 
+@functools.lru_cache(maxsize=1024)
 def dense_strides(shape, itemsize, axes):
     """Byte strides of a C-contiguous array whose axes, outermost first, are ``axes``."""
     strides = [0] * len(shape)
@@ -70,13 +72,15 @@ def dense_strides(shape, itemsize, axes):
 def is_dense_in(shape, strides, itemsize, axes):
     """True when an array's elements are contiguous in the axis order ``axes``
     (size-1 axes ignored, as NumPy's contiguity flags do)."""
-    expected = dense_strides(shape, itemsize, axes)
+    expected = dense_strides(tuple(shape), itemsize, tuple(axes))
     return all(size == 1 or stride == want for size, stride, want in zip(shape, strides, expected))
 
 
+@functools.lru_cache(maxsize=1024)
 def batch_norm_geometry(shape, strides, itemsize, layout):
     """The :class:`Geometry` of batch norm (keep the channel axis) for an array of logical
-    ``shape`` in ``layout`` ("NCHW" or "NHWC") with byte ``strides``."""
+    ``shape`` in ``layout`` ("NCHW" or "NHWC") with byte ``strides`` (tuples; cached:
+    a training loop asks for the same few geometries at every step)."""
     shape = tuple(shape)
     ndim = len(shape)
     channel = _checks.channel_axis(ndim, layout)

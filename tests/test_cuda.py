@@ -3,7 +3,8 @@ process has no GPU, and the host path's independence from CUDA.
 
 The simulator must be chosen before numba is imported, which this pytest process has
 long done for the CPU tests, so the simulator run is a separate ``python -m pytest
-tests/cuda`` process with ``NUMBA_ENABLE_CUDASIM=1``.  Where this process can run
+tests/cuda`` process with ``NUMBA_ENABLE_CUDASIM=1``, started in the background when
+this test is collected and waited for last (see ``tests/conftest.py``).  Where this process can run
 CUDA itself (a GPU, or the simulator already on), ``tests/cuda`` is collected here
 directly and the subprocess is skipped.
 """
@@ -12,14 +13,19 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import numba
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CUDA_TESTS = REPO_ROOT / "tests" / "cuda"
-#: The simulator run takes about a minute on 2 cores; allow for a slow CI machine.
-SIMULATOR_RUN_TIMEOUT_S = 900
+#: The simulator run takes a few minutes on 2 cores; allow for a slow CI machine.
+SIMULATOR_RUN_TIMEOUT_S = 1500
+SIMULATOR_COMMAND = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CUDA_TESTS)]
+
+#: The background simulator run: (process, output file), see start_simulator_run.
+_simulator_run = None
 
 
 def _cuda_runs_in_this_process():
@@ -29,16 +35,40 @@ def _cuda_runs_in_this_process():
     return cuda.is_available()
 
 
+def start_simulator_run():
+    """Start the simulator run in the background (once).  The conftest calls this at
+    collection so its single-threaded minutes overlap the rest of the suite; the test
+    below waits for it."""
+    global _simulator_run
+    if _simulator_run is None and not _cuda_runs_in_this_process():
+        output = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        process = subprocess.Popen(SIMULATOR_COMMAND, cwd=REPO_ROOT, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT, text=True)
+        _simulator_run = (process, output)
+    return _simulator_run
+
+
+def stop_simulator_run():
+    """Kill a background run nobody waited for (the session ended early)."""
+    if _simulator_run is not None and _simulator_run[0].poll() is None:
+        _simulator_run[0].kill()
+        _simulator_run[0].wait()
+
+
 def test_cuda_backend_on_the_simulator():
     if _cuda_runs_in_this_process():
         pytest.skip("tests/cuda run directly in this process (GPU or simulator available)")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CUDA_TESTS)]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=SIMULATOR_RUN_TIMEOUT_S)
-    assert result.returncode == 0, (
-        f"`NUMBA_ENABLE_CUDASIM=1 {' '.join(command[1:])}` failed:\n{result.stdout}\n{result.stderr}")
-    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout
+    process, output = start_simulator_run()
+    try:
+        returncode = process.wait(timeout=SIMULATOR_RUN_TIMEOUT_S)
+    finally:
+        stop_simulator_run()
+    output.seek(0)
+    text = output.read()
+    assert returncode == 0, f"`NUMBA_ENABLE_CUDASIM=1 {' '.join(SIMULATOR_COMMAND[1:])}` failed:\n{text}"
+    last_line = text.strip().splitlines()[-1]
+    assert " passed" in last_line and " skipped" not in last_line, text
 
 
 def test_host_calls_never_import_cuda():

@@ -1,11 +1,13 @@
 """CPU backend: Numba ``parallel=True`` kernels per kernel family (:mod:`~fastbn.cpu.planes`,
 :mod:`~fastbn.cpu.rows`), the per-channel kernels (:mod:`~fastbn.cpu.channels`) and the
-pipeline's stages that launch them (:mod:`~fastbn.cpu.stages`)."""
+pipeline's stages that launch them (:mod:`~fastbn.cpu.stages`); small tensors' whole
+passes in one call each (:mod:`~fastbn.cpu.fused`)."""
 
 from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
                      forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
                      moments_var, parameter_gradients)
+from .fused import backward as fused_backward, forward as fused_forward
 
 __all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
-           "forward_coefficients", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
+           "forward_coefficients", "fused_backward", "fused_forward", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
            "moments_var", "parameter_gradients"]

@@ -9,8 +9,8 @@ except the merge of a reduction's partials, which is O(partials * C).
 import numpy as np
 from numba import prange
 
-from ..algebra import (backward_channel, batch_forward_channel, chan_merge, forward_channel,
-                       parameter_gradients)
+from ..algebra import (backward_channel, chan_merge, forward_channel, parameter_gradients,
+                       population_variance, running_update)
 from ._jit import parallel_kernel, serial_kernel
 
 #: Channels per work item of the partials merge.
@@ -63,12 +63,19 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, use_we
     under their flag.  ``save_mean`` may be ``mean`` itself.  See
     :func:`fastbn.algebra.forward_channel` and :func:`fastbn.algebra.running_update`.
     """
-    for c in range(mean.size):
-        if from_moments:
-            batch_forward_channel(c, np.float64(count[c]), np.float64(mean[c]), np.float64(second[c]), weight,
-                                  bias, use_weight, use_bias, eps, big, momentum, running_mean, running_var,
-                                  update_running, save_mean, save_invstd, center, scale, shift)
-        else:
+    # Flags are tested outside the channel loops: a branch around array accesses inside
+    # a loop keeps Numba from pruning the arrays' reference counting (see fastbn.algebra).
+    if from_moments and update_running:
+        for c in range(mean.size):
+            running_update(c, np.float64(count[c]), np.float64(mean[c]), np.float64(second[c]), momentum,
+                           running_mean, running_var)
+    if from_moments:
+        for c in range(mean.size):
+            var = population_variance(np.float64(count[c]), np.float64(second[c]))
+            forward_channel(c, np.float64(mean[c]), var, weight, bias, use_weight, use_bias, eps, big,
+                            save_mean, save_invstd, center, scale, shift)
+    else:
+        for c in range(mean.size):
             forward_channel(c, np.float64(mean[c]), np.float64(second[c]), weight, bias, use_weight, use_bias,
                             eps, big, save_mean, save_invstd, center, scale, shift)
 

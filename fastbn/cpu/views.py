@@ -5,18 +5,30 @@ Planes kernels take the C-contiguous 3-D view ``(outer, kept, inner)``, row kern
 and handed back with the input's logical shape.
 """
 
+import functools
+
 import numpy as np
 
 from ..geometry import PLANES, is_dense_in
 
 
 def _in_kernel_order(a, geometry):
-    return np.transpose(a, geometry.axes)
+    return a if _is_identity(geometry.axes) else np.transpose(a, geometry.axes)
 
 
 def _logical(buffer, geometry):
     """A kernel-order buffer seen with the logical axes."""
-    return np.transpose(buffer, np.argsort(geometry.axes))
+    return buffer if _is_identity(geometry.axes) else np.transpose(buffer, _inverse(geometry.axes))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_identity(axes):
+    return axes == tuple(range(len(axes)))
+
+
+@functools.lru_cache(maxsize=None)
+def _inverse(axes):
+    return tuple(int(a) for a in np.argsort(axes))
 
 
 def kernel_view(a, geometry):

@@ -13,8 +13,8 @@ import math
 import numpy as np
 from numba import cuda
 
-from ..algebra import (backward_channel, batch_forward_channel, chan_merge, forward_channel,
-                       parameter_gradients)
+from ..algebra import (backward_channel, chan_merge, forward_channel, parameter_gradients,
+                       population_variance, running_update)
 
 
 @cuda.jit
@@ -34,9 +34,11 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, use_we
     if c >= mean.shape[0]:
         return
     if from_moments:
-        batch_forward_channel(c, np.float64(count[c]), np.float64(mean[c]), np.float64(second[c]), weight, bias,
-                              use_weight, use_bias, eps, big, momentum, running_mean, running_var,
-                              update_running, save_mean, save_invstd, center, scale, shift)
+        n, mu, m2 = np.float64(count[c]), np.float64(mean[c]), np.float64(second[c])
+        if update_running:
+            running_update(c, n, mu, m2, momentum, running_mean, running_var)
+        forward_channel(c, mu, population_variance(n, m2), weight, bias, use_weight, use_bias, eps, big,
+                        save_mean, save_invstd, center, scale, shift)
     else:
         forward_channel(c, np.float64(mean[c]), np.float64(second[c]), weight, bias, use_weight, use_bias, eps,
                         big, save_mean, save_invstd, center, scale, shift)
@@ -127,9 +129,10 @@ def finish_moments(c, n, mean, m2, out_n, out_mean, out_m2, finalize, weight, bi
     out_mean[c] = mean
     out_m2[c] = m2
     if finalize:
-        batch_forward_channel(c, n, mean, m2, weight, bias, use_weight, use_bias, eps, big, momentum,
-                              running_mean, running_var, update_running, save_mean, save_invstd, center, scale,
-                              shift)
+        if update_running:
+            running_update(c, n, mean, m2, momentum, running_mean, running_var)
+        forward_channel(c, mean, population_variance(n, m2), weight, bias, use_weight, use_bias, eps, big,
+                        save_mean, save_invstd, center, scale, shift)
 
 
 @cuda.jit(device=True)

@@ -53,7 +53,7 @@ def _on_device_of(pick):
 def geometry(x, layout):
     """The batch-norm :class:`~fastbn.geometry.Geometry` of device array ``x``."""
     a = as_numba(x)
-    return batch_norm_geometry(a.shape, a.strides, a.dtype.itemsize, layout)
+    return batch_norm_geometry(tuple(a.shape), tuple(a.strides), a.dtype.itemsize, layout)
 
 
 @_on_device_of(lambda x, geom: x)

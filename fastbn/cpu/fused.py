@@ -1,0 +1,108 @@
+"""The public forward and backward passes of small tensors in one compiled call each.
+
+Up to :data:`fastbn.cpu.small.SMALL_SIZE` values, a pass costs microseconds, and a call
+per stage (statistics, coefficients, apply), each with its Python-side temporaries and
+dispatch, cost more than the arithmetic.  These kernels run the same serial stage
+kernels (:mod:`fastbn.cpu.small`, :mod:`fastbn.cpu.channels`) from one compiled
+function, in the same order on the same dtypes, so their results are bitwise those of
+the stage-by-stage composition in :mod:`fastbn._api` (tested).
+
+Absent optional vectors (weight, bias, running statistics) are passed as placeholders of
+the right dtype and length (``y`` flattened), read but not used, as in
+:mod:`fastbn.algebra`.
+"""
+
+import numpy as np
+
+from .. import dtypes
+from . import channels, small, views
+from ._jit import serial_kernel
+
+
+@serial_kernel
+def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, running_mean, running_var,
+                  training, update_running, momentum, eps, big, save_mean, save_invstd, coefficients, y3):
+    """Statistics (training) or running statistics (eval), coefficients and apply.
+
+    x3, y3: (outer, kept, inner) C-contiguous; weight, bias: (kept,) or placeholders;
+    eval_mean, eval_var: the statistics eval normalizes with (may be read-only;
+    placeholders in training); running_mean, running_var: updated in training when
+    ``update_running`` (placeholders otherwise); save_mean, save_invstd: (kept,) float64 outputs;
+    coefficients: (3, kept) scratch in the compute dtype (center, scale, shift).
+    """
+    center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
+    if training:
+        count = np.empty(save_mean.size)
+        m2 = np.empty(save_mean.size)
+        small.small_moments(x3, count, save_mean, m2)
+        channels.forward_coefficients(count, save_mean, m2, True, weight, bias, use_weight, use_bias, eps, big,
+                                      momentum, running_mean, running_var, update_running,
+                                      save_mean, save_invstd, center, scale, shift)
+    else:
+        channels.forward_coefficients(eval_mean, eval_mean, eval_var, False, weight, bias, use_weight,
+                                      use_bias, eps, big, momentum, running_mean, running_var, False,
+                                      save_mean, save_invstd, center, scale, shift)
+    small.small_apply(x3, center, scale, shift, y3)
+
+
+@serial_kernel
+def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training, big, grads, coefficients,
+                   dx3):
+    """Sums, dweight/dbias, dx coefficients and the dx pass.
+
+    dy3, x3, dx3: (outer, kept, inner) C-contiguous; save_mean, save_invstd: (kept,);
+    weight: (kept,) or a placeholder; grads: (2, kept) output (dweight, dbias) in the
+    parameter dtype; coefficients: (4, kept) scratch in the compute dtype.
+    """
+    kept = save_invstd.size
+    count = np.empty(kept)
+    sum_dy = np.empty(kept)
+    sum_dy_xmu = np.empty(kept)
+    small.small_backward_sums(dy3, x3, save_mean, count, sum_dy, sum_dy_xmu)
+    channels.weight_bias_gradients(sum_dy, sum_dy_xmu, save_invstd, grads[0], grads[1])
+    center, dy_scale, x_scale, shift = coefficients[0], coefficients[1], coefficients[2], coefficients[3]
+    channels.backward_coefficients(count, sum_dy, sum_dy_xmu, save_mean, save_invstd, weight, use_weight,
+                                   training, big, center, dy_scale, x_scale, shift)
+    if training:
+        small.small_backward_apply(dy3, x3, center, dy_scale, x_scale, shift, dx3)
+    else:
+        small.small_apply(dy3, center, dy_scale, shift, dx3)
+
+
+def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, geom, out, dtype):
+    """``(y, save_mean, save_invstd)`` of :func:`fastbn.batch_norm_forward` in one
+    compiled call, for ``x`` (dense in ``geom``'s order) of at most ``SMALL_SIZE``
+    values; None for larger ones (the caller runs the stages)."""
+    if x.size > small.SMALL_SIZE:
+        return None
+    policy = dtypes.policy(dtype)
+    target = views.output_target(out, (x,), geom)
+    y3 = views.block_view(target, geom)
+    placeholder = y3.reshape(-1)
+    saved = np.empty((2, geom.kept), policy.statistics)
+    update = training and running_mean is not None
+    evaluated = (placeholder, placeholder) if training else (running_mean, running_var)
+    updated = (running_mean, running_var) if update else (placeholder, placeholder)
+    small_forward(views.block_view(x, geom), _given(weight, placeholder), _given(bias, placeholder),
+                  weight is not None, bias is not None, *evaluated, *updated, training, update, momentum, eps,
+                  dtypes.largest(policy.compute), saved[0], saved[1], np.empty((3, geom.kept), policy.compute), y3)
+    return views.finish_output(target, out), saved[0], saved[1]
+
+
+def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
+    """``(dx, dweight, dbias)`` of :func:`fastbn.batch_norm_backward` in one compiled
+    call for at most ``SMALL_SIZE`` values; None for larger ones."""
+    if x.size > small.SMALL_SIZE:
+        return None
+    policy = dtypes.policy(dtype)
+    target = views.output_target(out, (dy, x), geom)
+    dx3 = views.block_view(target, geom)
+    grads = np.empty((2, geom.kept), policy.parameters)
+    small_backward(views.block_view(dy, geom), views.block_view(x, geom), save_mean, save_invstd,
+                   _given(weight, grads[0]), weight is not None, training, dtypes.largest(policy.compute), grads,
+                   np.empty((4, geom.kept), policy.compute), dx3)
+    return views.finish_output(target, out), grads[0], grads[1]
+
+
+def _given(v, placeholder):
+    return placeholder if v is None else v
