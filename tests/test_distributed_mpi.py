@@ -28,10 +28,11 @@ SPLITS = {
 }
 
 
-def launch(splits, errors=True):
+def launch(splits, errors=True, device=False):
     p = len(splits[0])
     command = [mpiexec(), "-n", str(p), sys.executable, str(WORKERS / "mpi_worker.py"), json.dumps(splits)]
-    done = run(command + (["--errors"] if errors else []), TIMEOUT)
+    command += (["--errors"] if errors else []) + (["--device"] if device else [])
+    done = run(command, TIMEOUT, **({"NUMBA_ENABLE_CUDASIM": "1"} if device else {}))
     result = result_of(done)
     assert done.returncode == 0, done.stderr[-4000:]
     assert result["failures"] == [], "\n".join(result["failures"])
@@ -46,6 +47,17 @@ def test_matches_single_process(p, capsys):
     with capsys.disabled():
         print(f"\nmpiexec -n {p}: worst differences {worst}")
     assert worst["stats_rel"] < 1e-12
+
+
+def test_device_arrays_on_the_cuda_simulator(capsys):
+    """numba device arrays (Numba's CUDA simulator in the ranks): statistics and sums on
+    the device, the payload through the host, coefficients and apply on the device;
+    1e4-offset data, a zero-size and a one-sample rank, both layouts; a rank mixing host
+    and device arrays fails alone and the others name it."""
+    worst = launch([[1, 0, 2]], errors=False, device=True)
+    with capsys.disabled():
+        print(f"\nmpiexec -n 3, device arrays (CUDA simulator): worst differences {worst}")
+    assert worst["device_stats_rel"] < 1e-12
 
 
 @settings(max_examples=3, deadline=None, derandomize=True,

@@ -11,7 +11,8 @@ import sys
 
 
 class MPIEngine:
-    """``mpi4py.MPI.Comm`` (intra-communicator): pickled-object allgather.
+    """``mpi4py.MPI.Comm`` (intra-communicator): pickled-object allgather on the host
+    (device data sends its few per-channel values through host memory).
 
     The object form carries payloads of different lengths (ranks that disagree on the
     channel count), so a mismatch is detected from the gathered headers instead of
@@ -32,7 +33,12 @@ class MPIEngine:
 
 
 class TorchEngine:
-    """``torch.distributed.ProcessGroup``: ``all_gather_object`` on that group."""
+    """``torch.distributed.ProcessGroup``: ``all_gather_object`` on that group.
+
+    gloo exchanges the pickled payload on the host; NCCL (CUDA tensors) as a CUDA byte
+    tensor on ``torch.cuda.current_device()`` (torch moves it there; the caller sets
+    that device per rank, as torch requires for NCCL).  Not run on GPU hardware here.
+    """
 
     name = "torch.distributed"
 
