@@ -1,6 +1,8 @@
 """fastbn.torch.SyncBatchNorm over torch.distributed (gloo on 127.0.0.1, CPU tensors),
-2 and 3 processes spawned here, against single-process torch; the worker is
-tests/distributed/torch_worker.py."""
+2 and 3 processes spawned here, against single-process torch, and fastbn.distributed's
+mismatch and invalid-rank errors on gloo (tests/distributed/error_cases.py, the cases the
+MPI test runs); the worker is tests/distributed/torch_worker.py.  A hang fails the test:
+the ranks' collectives time out (gloo, 120 s) and the test kills them after TIMEOUT."""
 
 import subprocess
 import sys

@@ -15,6 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastbn
+from error_cases import device_error_failures, error_failures
 from fastbn import distributed
 
 comm = MPI.COMM_WORLD
@@ -140,45 +141,6 @@ def layer_case(split):
         check(scaled(synced(x), single.eval()(x)) < 1e-14, "layer eval")
 
 
-def expect_error(label, call, own_type=ValueError, fragment=""):
-    try:
-        call()
-    except (TypeError, ValueError) as e:
-        check(isinstance(e, own_type) and fragment in str(e),
-              f"{label}: got {type(e).__name__}: {e} (expected {own_type.__name__} with {fragment!r})")
-    else:
-        check(False, f"{label}: no error raised")
-
-
-def errors():
-    x = np.ones((2, 3), np.float32) + np.arange(3, dtype=np.float32)
-    last = size - 1
-    if size > 1:
-        xc = np.ones((2, 4 if rank == 1 else 3), np.float32)
-        expect_error("channels", lambda: distributed.batch_norm_forward(xc, comm=comm), fragment="same channels")
-        xd = x.astype(np.float64) if rank == last else x
-        expect_error("dtype", lambda: distributed.batch_norm_forward(xd, comm=comm), fragment="same dtype")
-        x4 = np.ones((2, 3, 3, 3), np.float32)
-        lay = "NHWC" if rank == last else "NCHW"
-        expect_error("layout", lambda: distributed.batch_stats(x4, comm=comm, layout=lay), fragment="same layout")
-        # An invalid rank joins the collective flagged invalid and raises its own error.
-        w = np.ones(5 if rank == last else 3, np.float32)
-        expect_error("invalid weight", lambda: distributed.batch_norm_forward(x, w, comm=comm),
-                     fragment="weight: expected shape (3,)" if rank == last else f"rank(s) [{last}]")
-        dyb = np.ones((2, 3), np.float64 if rank == last else np.float32)
-        expect_error("invalid backward", lambda: distributed.batch_norm_backward(
-            dyb, x, np.zeros(3), np.ones(3), comm=comm),
-            own_type=TypeError if rank == last else ValueError,
-            fragment="dy: expected the dtype of x" if rank == last else f"rank(s) [{last}]")
-    # Too few values in the whole batch: every rank raises the same error.
-    xs = np.ones((1 if rank == 0 else 0, 3), np.float32)
-    expect_error("global count", lambda: distributed.batch_norm_forward(xs, comm=comm),
-                 fragment="Expected more than 1 value per channel")
-    # Still in step after the errors: one more collective call works.
-    m, v = distributed.batch_stats(x, comm=comm)
-    check(np.allclose(m, [1, 2, 3]) and np.allclose(v, 0), "collective after the errors")
-
-
 def device_case(split, layout, dtype):
     """The CUDA backend's synchronized forward/backward (statistics on the device, the
     payload through the host), against single-process CPU fastbn on the whole batch."""
@@ -241,25 +203,13 @@ def device_case(split, layout, dtype):
         check(e <= b, f"{tag}: {key} {e:.3g} > {b:.3g}")
 
 
-def device_errors():
-    """A rank mixing host and device arrays raises its own TypeError; the others name it."""
-    from numba import cuda
-
-    x = cuda.to_device(np.ones((2, 3), np.float32))
-    last = size - 1
-    w = np.ones(3, np.float32) if rank == last else cuda.to_device(np.ones(3, np.float32))
-    expect_error("device/host weight", lambda: distributed.batch_norm_forward(x, w, comm=comm),
-                 own_type=TypeError if rank == last else ValueError,
-                 fragment="weight: expected a CUDA device array" if rank == last else f"rank(s) [{last}]")
-
-
 def main():
     splits = json.loads(sys.argv[1])
     if "--device" in sys.argv:
         for split in splits:
             device_case(split, "NCHW", np.float64)
             device_case(split, "NHWC", np.float32)
-        device_errors()
+        failures.extend(device_error_failures(comm, rank, size))
         splits = []
     for split in splits:
         assert len(split) == size, (split, size)
@@ -269,7 +219,7 @@ def main():
         case(split, "NCHW", np.float64, 2)
         layer_case(split)
     if "--errors" in sys.argv:
-        errors()
+        failures.extend(error_failures(comm, rank, size))
     all_failures = comm.gather(failures, root=0)
     if rank == 0:
         print("FASTBN_RESULT " + json.dumps({"failures": sum(all_failures, []), "worst": worst}), flush=True)
