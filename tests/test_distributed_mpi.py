@@ -60,11 +60,17 @@ def test_device_arrays_on_the_cuda_simulator(capsys):
     assert worst["device_stats_rel"] < 1e-12
 
 
-@settings(max_examples=3, deadline=None, derandomize=True,
+def _splits_of(p):
+    return st.lists(st.integers(0, 4), min_size=p, max_size=p).filter(lambda s: sum(s) >= 2)
+
+
+@settings(max_examples=1, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.integers(0, 4), min_size=2, max_size=3).filter(lambda s: sum(s) >= 2))
-def test_hypothesis_splits(split):
-    launch([split], errors=False)
+@given(st.integers(2, 3).flatmap(lambda p: st.lists(_splits_of(p), min_size=3, max_size=3)))
+def test_hypothesis_splits(splits):
+    """Three hypothesis-chosen splits over 2 or 3 ranks, in one launch (a process start
+    costs more than a split's cases)."""
+    launch(splits, errors=False)
 
 
 def test_digits_mpi_example_matches_single_process():
