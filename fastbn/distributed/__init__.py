@@ -49,14 +49,15 @@ rounding.
 Where the data lives: NumPy arrays run the CPU kernels; CUDA device arrays (numba
 device arrays, PyTorch CUDA tensors, CuPy arrays) compute their moments and sums on the
 device with the CUDA stages, only the (C,) payload travels through the host for the
-collective (:mod:`fastbn.distributed._device`; with an NCCL process group, torch's
-``all_gather_object`` moves it to ``torch.cuda.current_device()``, which the caller
-sets as torch requires), and the coefficients and the apply pass run on the device;
+collective (:mod:`fastbn.distributed._device`; an NCCL process group gathers it as a
+CUDA tensor on ``torch.cuda.current_device()``, which the caller sets as torch
+requires), and the coefficients and the apply pass run on the device;
 results come back where ``x`` lives.  The merge runs on the host, in rank order, so
 every rank gets the same bits.  Tested on Numba's CUDA simulator under MPI; the NCCL
 branch has not been run on GPU hardware here.
 
-Payload: per rank and call, a header and ``1 + 2 C`` float64 values
+Payload: per rank and call, a header and ``2 C`` float64 values in fixed-size byte
+buffers: one allgather up to 64 channels, two beyond, never a size exchange
 (:mod:`fastbn.distributed._protocol`).
 """
 
@@ -96,16 +97,16 @@ def _channels(x, layout):
 
 
 def _exchange(engine, compute, what):
-    """Run ``compute`` (local checks and statistics; returns ``(payload, state)``), then
-    ONE allgather of every rank's payload, also when ``compute`` raised; returns every
-    rank's (count, first, second) in rank order, and ``state``."""
-    error, state = None, None
+    """Run ``compute`` (local checks and statistics; returns ``(own, state)``, ``own`` as
+    :func:`fastbn.distributed._protocol.exchange` takes it), then the collective, also
+    when ``compute`` raised; returns every rank's (count, first, second) in rank order,
+    and ``state``."""
+    error, own, state = None, None, None
     try:
-        payload, state = compute()
+        own, state = compute()
     except Exception as e:  # noqa: BLE001 - whatever failed here, the other ranks must not block
-        error, payload = e, _protocol.failure(e)
-    parts = _protocol.agree(engine, engine.allgather(payload), error, what)
-    return parts, state
+        error = e
+    return _protocol.exchange(engine, what, own, error), state
 
 
 def _gather_moments(engine, x, layout, arrays, local_check, what):
@@ -121,8 +122,7 @@ def _gather_moments(engine, x, layout, arrays, local_check, what):
             geometry = b.geometry(x, layout)
             xd = b.as_dense(x, geometry)
             count, mean, m2 = _device.to_host(b.moments(xd, geometry), backend, x)
-        payload = _protocol.pack(c, _checks.dtype_of(x), layout, count[0], mean, m2)
-        return payload, (backend, geometry, xd)
+        return (c, _checks.dtype_of(x), layout, count[0], mean, m2), (backend, geometry, xd)
 
     parts, (backend, geometry, xd) = _exchange(engine, compute, what)
     moments = [Moments(*p) for p in parts]
@@ -213,8 +213,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, comm, tra
             xd, dyd = b.as_dense(x, geometry), b.as_dense(dy, geometry)
             sums = b.backward_sums(dyd, xd, save_mean, geometry)
             count, sum_dy, sum_dy_xmu = _device.to_host(sums, backend, x)
-        payload = _protocol.pack(c, _checks.dtype_of(x), layout, count[0], sum_dy, sum_dy_xmu)
-        return payload, (backend, geometry, xd, dyd, BackwardSums(*sums))
+        own = (c, _checks.dtype_of(x), layout, count[0], sum_dy, sum_dy_xmu)
+        return own, (backend, geometry, xd, dyd, BackwardSums(*sums))
 
     parts, (backend, geometry, xd, dyd, sums) = _exchange(engine, compute, "batch_norm_backward")
     host = [BackwardSums(*p) for p in parts]

@@ -1,71 +1,91 @@
-"""What the ranks of a synchronized call exchange: one compact payload per rank.
+"""What the ranks of a synchronized call exchange: fixed-size byte buffers, no size exchange.
 
-A payload is a tuple ``(PROTOCOL, True, channels, dtype, layout, data)``: the header the
-ranks must agree on, and ``data``, the bytes of a float64 vector ``[count, a_0 .. a_C-1,
-b_0 .. b_C-1]`` (forward: the Moments' mean and M2; backward: sum(dy) and
-sum(dy * (x - mean))).  One count stands for every channel: batch norm reduces the same
-values per channel.  A rank whose own arguments failed sends ``(PROTOCOL, False,
-message)`` instead, so it still takes part in the collective and the others learn why.
+Per call, each rank contributes the float64 vector ``[count, a_0 .. a_C-1, b_0 .. b_C-1]``
+(forward: the Moments' mean and M2; backward: sum(dy) and sum(dy * (x - mean))).  One
+count stands for every channel: batch norm reduces the same values per channel.
 
-Raw float64 bytes round-trip exactly, and the tuple pickles with a few dozen bytes of
-framing (the engines' object allgathers carry payloads of different lengths, so ranks
-that disagree on the channel count are told so instead of truncating or blocking a
-fixed-size buffer collective).
+The first allgather has the same size on every rank whatever its arguments:
+:data:`FIRST_SLOTS` float64 slots holding a header (protocol, whether this rank's checks
+passed, channel count, dtype, layout, count) and the first ``2 * FIRST_CHANNELS`` values.
+A rank whose own checks failed sends its error message in the value slots instead.
+From the gathered headers every rank decides the same thing: raise (a rank failed, or
+the ranks disagree on channels, dtype or layout), or go on.  Only when every rank agrees
+on C > :data:`FIRST_CHANNELS` does a second allgather carry the remaining ``2 (C -
+FIRST_CHANNELS)`` values, of a size every rank then knows to be the same.  So a call is
+ONE collective for up to 64 channels (two beyond), no rank can block in a collective
+of another size, and nothing is pickled.  Buffers travel as bytes, so values (NaN
+payloads included) arrive bit for bit.
 """
 
 import numpy as np
 
-#: Version of the payload; ranks running fastbn releases with other payloads disagree on it.
-PROTOCOL = 2
+#: Marks this payload version; a buffer without it (another fastbn release) is refused.
+PROTOCOL = 3.0
+HEADER = 6  # protocol, ok, channels, dtype code, layout code, count
+#: Channels whose values fit the first, fixed-size buffer.
+FIRST_CHANNELS = 64
+FIRST_SLOTS = HEADER + 2 * FIRST_CHANNELS
+DTYPES = ("float16", "float32", "float64")
+LAYOUTS = ("NCHW", "NHWC")
 
 
-def pack(channels, dtype, layout, count, first, second):
-    """The payload of a rank whose checks passed: header, then count and two (C,) vectors."""
-    data = np.empty(1 + 2 * channels)
-    data[0] = count
-    data[1:1 + channels] = first
-    data[1 + channels:] = second
-    return (PROTOCOL, True, int(channels), np.dtype(dtype).str, layout, data.tobytes())
+def _message_slots(error):
+    text = f"{type(error).__name__}: {error}".encode("utf-8")[:8 * (FIRST_SLOTS - HEADER)]
+    padded = text + b"\0" * (-len(text) % 8)
+    return np.frombuffer(padded, np.float64)
 
 
-def failure(error):
-    """The payload of a rank whose own arguments are invalid."""
-    return (PROTOCOL, False, f"{type(error).__name__}: {error}")
+def _message(row):
+    return row[HEADER:].tobytes().rstrip(b"\0").decode("utf-8", "replace")
 
 
-def _is_current(payload):
-    return isinstance(payload, tuple) and len(payload) >= 3 and payload[0] == PROTOCOL
+def exchange(engine, what, own, error=None):
+    """Every rank's ``(count, first, second)`` (float64 (C,) host vectors, rank order).
+
+    ``own``: this rank's ``(channels, dtype, layout, count, first, second)``, or None
+    with ``error`` (the exception its own checks raised).  Collective; raises on every
+    rank when any rank failed or the ranks disagree (``what`` names the operation).
+    """
+    head = np.zeros(FIRST_SLOTS)
+    head[0] = PROTOCOL
+    if error is None:
+        channels, dtype, layout, count, first, second = own
+        values = np.concatenate([np.asarray(first, np.float64), np.asarray(second, np.float64)])
+        inline = min(2 * channels, 2 * FIRST_CHANNELS)
+        head[1:HEADER] = 1.0, channels, DTYPES.index(np.dtype(dtype).name), LAYOUTS.index(layout), count
+        head[HEADER:HEADER + inline] = values[:inline]
+    else:
+        message = _message_slots(error)
+        head[HEADER:HEADER + message.size] = message
+    heads = engine.allgather_bytes(head.view(np.uint8)).view(np.float64)
+    if error is not None:
+        raise error
+    _agree(engine, heads, what)
+    rows = heads[:, HEADER:HEADER + inline]
+    if 2 * channels > inline:  # every rank agreed on channels: the same size everywhere
+        rest = engine.allgather_bytes(values[inline:].view(np.uint8)).view(np.float64)
+        rows = np.concatenate([rows, rest], axis=1)
+    # Copies: the gathered buffer is shared, and a merged mean becomes the caller's save_mean.
+    return [(np.full(channels, row_head[5]), row[:channels].copy(), row[channels:].copy())
+            for row_head, row in zip(heads, rows)]
 
 
-def agree(engine, gathered, own_error, what):
-    """Raise on every rank when any rank failed its checks or the ranks disagree on the
-    header; else return every rank's (count, first, second), float64, in rank order."""
-    if own_error is not None:
-        raise own_error
-    failed = [r for r, p in enumerate(gathered) if not (_is_current(p) and p[1])]
+def _agree(engine, heads, what):
+    """Raise on every rank when any rank failed its checks or the ranks disagree."""
+    known = heads[:, 0] == PROTOCOL
+    failed = [r for r in range(len(heads)) if not (known[r] and heads[r, 1] == 1.0)]
     if failed:
-        details = "; ".join(f"rank {r}: {gathered[r][2] if _is_current(gathered[r]) else 'protocol mismatch'}"
-                            for r in failed)
+        details = "; ".join(f"rank {r}: {_message(heads[r]) if known[r] else 'protocol mismatch'}" for r in failed)
         raise ValueError(f"{what}: rank(s) {failed} of {engine.size} ({engine.name}) failed their "
                          f"argument checks, so no rank computed ({details})")
-    for key, index in (("channels", 2), ("dtype", 3), ("layout", 4)):
-        values = [p[index] for p in gathered]
-        if len(set(values)) > 1:
-            shown = ", ".join(f"rank {r}: {np.dtype(v) if key == 'dtype' else v}" for r, v in enumerate(values))
+    for key, index, names in (("channels", 2, None), ("dtype", 3, DTYPES), ("layout", 4, LAYOUTS)):
+        values = heads[:, index]
+        if np.any(values != values[0]):
+            shown = ", ".join(f"rank {r}: {names[int(v)] if names else int(v)}" for r, v in enumerate(values))
             raise ValueError(f"{what}: expected every rank to pass the same {key} "
                              f"({engine.name}, {engine.size} ranks), got {shown}")
-    channels = gathered[0][2]
-    parts = []
-    for p in gathered:
-        data = np.frombuffer(p[5], np.float64)
-        # Copies: the gathered bytes are read-only, and a merged mean becomes save_mean.
-        parts.append((np.full(channels, data[0]), data[1:1 + channels].copy(), data[1 + channels:].copy()))
-    return parts
 
 
 def payload_bytes(num_channels):
-    """Bytes of one rank's pickled payload for ``num_channels`` (benchmarks)."""
-    import pickle
-
-    payload = pack(num_channels, np.float32, "NCHW", 0.0, np.zeros(num_channels), np.zeros(num_channels))
-    return len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    """Bytes each rank sends per call for ``num_channels`` (benchmarks)."""
+    return 8 * (FIRST_SLOTS + max(0, 2 * (num_channels - FIRST_CHANNELS)))

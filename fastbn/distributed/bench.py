@@ -11,20 +11,15 @@ Every rank normalizes a local batch of ``--shape`` (NCHW, float32).  Rank 0 prin
 median time of a forward and of a backward pass (the slowest rank's), local
 (:func:`fastbn.batch_norm_forward` / ``_backward``) and synchronized
 (:mod:`fastbn.distributed`), the difference (the cost of synchronization: the
-allgather and the merge), and the bytes each rank sends per pass: its pickled payload
-(:mod:`fastbn.distributed._protocol`: a header and ``1 + 2 C`` float64) plus the
-length word the engine's object allgather exchanges first (an int32 for mpi4py, an
-int64 for torch); an allgather also delivers every other rank's payload to it.
+allgather and the merge), and the bytes each rank sends per pass: its fixed-size
+buffers (:mod:`fastbn.distributed._protocol`: a header and ``2 C`` float64, one
+allgather up to 64 channels); an allgather also delivers every other rank's to it.
 """
 
 import argparse
 import time
 
 import numpy as np
-
-#: Bytes of the length each engine's object allgather exchanges before the payload.
-LENGTH_WORD = {"mpi": 4, "gloo": 8}
-
 
 class _MPI:
     name = "mpi"
@@ -38,7 +33,7 @@ class _MPI:
     def barrier(self):
         self.comm.Barrier()
 
-    def allgather(self, obj):
+    def gather_objects(self, obj):
         return self.comm.allgather(obj)
 
     def close(self):
@@ -59,7 +54,7 @@ class _Gloo:
     def barrier(self):
         self.dist.barrier()
 
-    def allgather(self, obj):
+    def gather_objects(self, obj):
         gathered = [None] * self.size
         self.dist.all_gather_object(gathered, obj)
         return gathered
@@ -82,6 +77,7 @@ def main(argv=None):
     import fastbn
     from fastbn import distributed
     from fastbn.distributed import _protocol
+    from fastbn.distributed._engines import engine_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="16,64,16,16", help="local batch shape, NCHW (default 16,64,16,16)")
@@ -104,27 +100,27 @@ def main(argv=None):
     sync_f = lambda: distributed.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, comm=comm)  # noqa: E731
     local_b = lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, w)  # noqa: E731
     sync_b = lambda: distributed.batch_norm_backward(dy, x, mean, invstd, w, comm=comm)  # noqa: E731
-    payload = _protocol.pack(c, x.dtype, "NCHW", x.size // c, np.zeros(c), np.zeros(c))
-    gather_only = lambda: engine.allgather(payload)  # noqa: E731
+    own = (c, x.dtype, "NCHW", x.size // c, np.zeros(c), np.zeros(c))
+    gather_only = lambda: _protocol.exchange(engine_for(comm), "bench", own)  # noqa: E731
     for fn in (local_f, sync_f, local_b, sync_b, gather_only):  # compile and warm up
         fn()
     t = {name: _median_time(engine, fn, args.repeat) for name, fn in
          (("local_f", local_f), ("sync_f", sync_f), ("local_b", local_b), ("sync_b", sync_b),
           ("gather", gather_only))}
-    times = engine.allgather(t)
+    times = engine.gather_objects(t)
     engine.close()
     if engine.rank != 0:
         return
     worst = {k: max(r[k] for r in times) for k in t}
-    sent = _protocol.payload_bytes(c) + LENGTH_WORD[engine.name]
+    sent = _protocol.payload_bytes(c)
     print(f"{engine.size} ranks ({engine.name}), local batch {shape} float32 NCHW, C={c}; median of "
           f"{args.repeat}, slowest rank, ms")
     print(f"{'pass':9s} {'local':>8s} {'synced':>8s} {'sync cost':>10s} {'bytes sent/rank':>16s}")
     for name, lo, sy in (("forward", "local_f", "sync_f"), ("backward", "local_b", "sync_b")):
         print(f"{name:9s} {1e3 * worst[lo]:8.3f} {1e3 * worst[sy]:8.3f} "
               f"{1e3 * (worst[sy] - worst[lo]):10.3f} {sent:16d}")
-    print(f"allgather of one payload alone: {1e3 * worst['gather']:.3f} ms; each rank receives "
-          f"{engine.size} x {sent} bytes per pass ({8 * (1 + 2 * c)} bytes of float64 data each)")
+    print(f"the exchange alone (allgather and checks): {1e3 * worst['gather']:.3f} ms; each rank receives "
+          f"{engine.size} x {sent} bytes per pass ({16 * c} bytes of float64 data each)")
 
 
 if __name__ == "__main__":

@@ -43,14 +43,26 @@ def error_failures(comm, rank, size):
             dyb, x, np.zeros(3), np.ones(3), comm=comm),
             own_type=TypeError if rank == last else ValueError,
             fragment="dy: expected the dtype of x" if rank == last else f"rank(s) [{last}]")
+        # Beyond the first buffer's 64 channels: disagreeing ranks stop after the first
+        # collective (the second's sizes would differ).
+        xw = np.ones((2, 71 if rank == 0 else 70), np.float32)
+        expect_error("wide channels", lambda: distributed.batch_stats(xw, comm=comm), fragment="same channels")
     # Too few values in the whole batch: every rank raises the same error.
     xs = np.ones((1 if rank == 0 else 0, 3), np.float32)
     expect_error("global count", lambda: distributed.batch_norm_forward(xs, comm=comm),
                  fragment="Expected more than 1 value per channel")
-    # Still in step after the errors: one more collective call works.
+    # Still in step after the errors: more collective calls work, with 70 channels
+    # (two collectives) too; rank r holds r + 1 rows of channel means c + r.
     m, v = distributed.batch_stats(x, comm=comm)
     if not (np.allclose(m, [1, 2, 3]) and np.allclose(v, 0)):
         failures.append(f"rank {rank}: collective after the errors gave {m}, {v}")
+    xw = np.broadcast_to(np.arange(70.0) + rank, (rank + 1, 70))
+    m, v = distributed.batch_stats(xw, comm=comm)
+    weights = np.arange(1, size + 1)
+    mean = np.arange(70.0) + np.sum(weights * np.arange(size)) / weights.sum()
+    var = np.sum(weights * (np.arange(size) - np.sum(weights * np.arange(size)) / weights.sum()) ** 2) / weights.sum()
+    if not (np.allclose(m, mean, rtol=1e-14) and np.allclose(v, var, rtol=1e-12, atol=1e-14)):
+        failures.append(f"rank {rank}: 70 channels gave {m[:3]}, {v[:3]}, expected {mean[:3]}, {var}")
     return failures
 
 
