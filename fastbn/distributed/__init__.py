@@ -17,12 +17,12 @@ results are those of :func:`fastbn.batch_norm_forward` / :func:`fastbn.batch_nor
 
 - Training (``training=True``) is collective: every rank of ``comm`` must call the same
   function.  Forward: each rank's per-channel :class:`~fastbn.Moments` (count, mean,
-  M2; one count serves every channel) travel in one allgather with a small header
-  (channel count, dtype, layout, whether this rank's arguments were valid), and every
-  rank merges them with Chan's
-  formula **in rank order**, so the statistics, ``save_mean``/``save_invstd`` and the
+  M2; one count serves every channel) travel in one allgather (a second one beyond 64
+  channels) with a small header (channel count, dtype, layout, whether this rank's
+  arguments were valid), and every rank merges them with Chan's formula **in rank
+  order**, so the statistics, ``save_mean``/``save_invstd`` and the
   running statistics are bitwise identical on every rank whatever the message order.
-  The running variance is unbiased with the global count.  Backward: one allgather of
+  The running variance is unbiased with the global count.  Backward: the same exchange of
   the per-channel ``count``, ``sum(dy)`` and ``sum(dy * (x - mean))``, added in rank
   order; ``dx`` uses the global count.
 - ``dweight`` and ``dbias`` are **this rank's contributions** (computed from its own
@@ -110,8 +110,9 @@ def _exchange(engine, compute, what):
 
 
 def _gather_moments(engine, x, layout, arrays, local_check, what):
-    """Local checks, then ONE allgather of (header, count, mean, M2); returns
-    (merged host Moments in rank order, backend, geometry, dense x) on every rank."""
+    """Local checks, then the exchange of (header, count, mean, M2) (one allgather up to
+    64 channels); returns (merged host Moments in rank order, backend, geometry, dense x)
+    on every rank."""
     def compute():
         backend = select_backend(arrays)
         local_check(backend)

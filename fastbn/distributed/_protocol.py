@@ -47,16 +47,20 @@ def exchange(engine, what, own, error=None):
     rank when any rank failed or the ranks disagree (``what`` names the operation).
     """
     head = np.zeros(FIRST_SLOTS)
-    head[0] = PROTOCOL
     if error is None:
-        channels, dtype, layout, count, first, second = own
-        values = np.concatenate([np.asarray(first, np.float64), np.asarray(second, np.float64)])
-        inline = min(2 * channels, 2 * FIRST_CHANNELS)
-        head[1:HEADER] = 1.0, channels, DTYPES.index(np.dtype(dtype).name), LAYOUTS.index(layout), count
-        head[HEADER:HEADER + inline] = values[:inline]
-    else:
+        try:
+            channels, dtype, layout, count, first, second = own
+            values = np.concatenate([np.asarray(first, np.float64), np.asarray(second, np.float64)])
+            inline = min(2 * channels, 2 * FIRST_CHANNELS)
+            head[1:HEADER] = 1.0, channels, DTYPES.index(np.dtype(dtype).name), LAYOUTS.index(layout), count
+            head[HEADER:HEADER + inline] = values[:inline]
+        except Exception as e:  # noqa: BLE001 - this rank still joins the collective, flagged failed
+            error = e
+            head[:] = 0.0
+    if error is not None:
         message = _message_slots(error)
         head[HEADER:HEADER + message.size] = message
+    head[0] = PROTOCOL
     heads = engine.allgather_bytes(head.view(np.uint8)).view(np.float64)
     if error is not None:
         raise error
