@@ -2,7 +2,8 @@
 single-process fastbn on the concatenated batch, plus the mismatch errors.
 
 Usage: ``mpiexec -n P python mpi_worker.py SPLITS_JSON [--errors] [--device]``; SPLITS_JSON is
-a list of splits (each a list of P per-rank batch sizes).  ``--device`` runs the splits on
+a list of splits (each a list of per-rank batch sizes, for at most P ranks; a split of
+p ranks runs on the world's first p ranks, with the error cases when asked).  ``--device`` runs the splits on
 numba device arrays instead (with NUMBA_ENABLE_CUDASIM=1 in the environment: the CUDA
 simulator), against single-process fastbn on the host.  Rank 0 prints one line
 ``FASTBN_RESULT {json}`` with the largest differences seen and the failures.
@@ -203,23 +204,38 @@ def device_case(split, layout, dtype):
         check(e <= b, f"{tag}: {key} {e:.3g} > {b:.3g}")
 
 
+def use(communicator):
+    """Run the cases that follow on ``communicator`` (the worker's cases use these globals)."""
+    global comm, rank, size
+    comm, rank, size = communicator, communicator.Get_rank(), communicator.Get_size()
+
+
 def main():
+    """Splits of P ranks run on the first P ranks of the world (one launch serves every P:
+    a process start costs more than a split's cases), largest P first."""
+    world = MPI.COMM_WORLD
     splits = json.loads(sys.argv[1])
-    if "--device" in sys.argv:
-        for split in splits:
-            device_case(split, "NCHW", np.float64)
-            device_case(split, "NHWC", np.float32)
-        failures.extend(device_error_failures(comm, rank, size))
-        splits = []
-    for split in splits:
-        assert len(split) == size, (split, size)
-        for layout in ("NCHW", "NHWC"):
-            for dtype in (np.float32, np.float64):
-                case(split, layout, dtype, 4)
-        case(split, "NCHW", np.float64, 2)
-        layer_case(split)
-    if "--errors" in sys.argv:
-        failures.extend(error_failures(comm, rank, size))
+    for p in sorted({len(split) for split in splits}, reverse=True):
+        sub = world.Split(0 if world.Get_rank() < p else MPI.UNDEFINED, world.Get_rank())
+        if sub == MPI.COMM_NULL:
+            continue
+        use(sub)
+        for split in (s for s in splits if len(s) == p):
+            if "--device" in sys.argv:
+                device_case(split, "NCHW", np.float64)
+                device_case(split, "NHWC", np.float32)
+                continue
+            for layout in ("NCHW", "NHWC"):
+                for dtype in (np.float32, np.float64):
+                    case(split, layout, dtype, 4)
+            case(split, "NCHW", np.float64, 2)
+            layer_case(split)
+        if "--device" in sys.argv:
+            failures.extend(device_error_failures(comm, rank, size))
+        if "--errors" in sys.argv:
+            failures.extend(error_failures(comm, rank, size))
+        sub.Free()
+    use(world)
     all_failures = comm.gather(failures, root=0)
     if rank == 0:
         print("FASTBN_RESULT " + json.dumps({"failures": sum(all_failures, []), "worst": worst}), flush=True)
