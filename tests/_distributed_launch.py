@@ -18,17 +18,17 @@ def mpiexec():
     return str(local) if local.exists() else shutil.which("mpiexec")
 
 
-def env():
-    """Small, quiet child processes that import this checkout's fastbn."""
-    e = dict(os.environ)
+def env(**extra):
+    """Small, quiet child processes that import this checkout's fastbn (``extra``: more variables)."""
+    e = dict(os.environ, **extra)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     return e
 
 
-def run(command, timeout):
+def run(command, timeout, **extra_env):
     """Run ``command``; a hang fails the test (TimeoutExpired) instead of blocking CI."""
-    done = subprocess.run(command, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, env=env(**extra_env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return done
 
 

@@ -1,6 +1,8 @@
 """fastbn.torch.SyncBatchNorm over torch.distributed (gloo on 127.0.0.1, CPU tensors),
-2 and 3 processes spawned here, against single-process torch; the worker is
-tests/distributed/torch_worker.py."""
+3 processes spawned here (and a process group of 2 of them), against single-process torch, and fastbn.distributed's
+mismatch and invalid-rank errors on gloo (tests/distributed/error_cases.py, the cases the
+MPI test runs); the worker is tests/distributed/torch_worker.py.  A hang fails the test:
+the ranks' collectives time out (gloo, 120 s) and the test kills them after TIMEOUT."""
 
 import subprocess
 import sys
@@ -18,8 +20,10 @@ if not torch.distributed.is_available():
 TIMEOUT = 240
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sync_batchnorm_and_ddp_match_single_process(world, capsys):
+def test_sync_batchnorm_and_ddp_match_single_process(capsys):
+    """One job of 3 processes: SyncBatchNorm and the errors on all 3 and on the process
+    group of ranks 0 and 1 (2 processes), DDP training on all 3."""
+    world = 3
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(WORKERS / "torch_worker.py"), str(r), str(world), str(port)],
                               env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -39,7 +43,7 @@ def test_sync_batchnorm_and_ddp_match_single_process(world, capsys):
         assert p.returncode == 0, err[-4000:]
     assert result["failures"] == [], "\n".join(result["failures"])
     with capsys.disabled():
-        print(f"\ngloo, {world} processes: worst differences {result['worst']}")
+        print(f"\ngloo, {world} processes (and a group of 2): worst differences {result['worst']}")
 
 
 # --------------------------------------------------------------------------- one process

@@ -1,29 +1,72 @@
-"""Cost of synchronization: synchronized against local batch norm, per pass, over MPI.
+"""Cost of synchronization: synchronized against local batch norm, per pass, over MPI or
+torch.distributed (gloo).
 
-Run under MPI (``pip install "fastbn[mpi]"``)::
+Run under MPI (``pip install "fastbn[mpi]"``) or torchrun::
 
     mpiexec -n 2 python -m fastbn.distributed.bench [--shape 16,64,16,16] [--repeat 30]
     mpiexec -n 4 python -m fastbn.distributed.bench
+    torchrun --standalone --nproc-per-node 2 -m fastbn.distributed.bench --engine gloo
 
 Every rank normalizes a local batch of ``--shape`` (NCHW, float32).  Rank 0 prints the
-median time of a forward and of a backward pass, local (:func:`fastbn.batch_norm_forward`
-/ ``_backward``) and synchronized (:mod:`fastbn.distributed`), the difference (the cost
-of synchronization: the allgather and the merge), and the bytes each rank sends per
-pass (its pickled payload: header plus 3 float64 values per channel; an allgather also
-delivers every other rank's payload to it).
+median time of a forward and of a backward pass (the slowest rank's), local
+(:func:`fastbn.batch_norm_forward` / ``_backward``) and synchronized
+(:mod:`fastbn.distributed`), the difference (the cost of synchronization: the
+allgather and the merge), and the bytes each rank sends per pass: its fixed-size
+buffers (:mod:`fastbn.distributed._protocol`: a header and ``2 C`` float64, one
+allgather up to 64 channels); an allgather also delivers every other rank's to it.
 """
 
 import argparse
-import pickle
 import time
 
 import numpy as np
 
+class _MPI:
+    name = "mpi"
 
-def _median_time(comm, fn, repeat):
+    def __init__(self):
+        from mpi4py import MPI
+
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def gather_objects(self, obj):
+        return self.comm.allgather(obj)
+
+    def close(self):
+        pass
+
+
+class _Gloo:
+    name = "gloo"
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR/PORT
+        self.dist = dist
+        self.comm = dist.group.WORLD
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    def barrier(self):
+        self.dist.barrier()
+
+    def gather_objects(self, obj):
+        gathered = [None] * self.size
+        self.dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def close(self):
+        self.dist.destroy_process_group()
+
+
+def _median_time(engine, fn, repeat):
     times = []
     for _ in range(repeat):
-        comm.Barrier()  # every rank starts together: the collective measures no skew
+        engine.barrier()  # every rank starts together: the collective measures no skew
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -31,19 +74,21 @@ def _median_time(comm, fn, repeat):
 
 
 def main(argv=None):
-    from mpi4py import MPI
-
     import fastbn
     from fastbn import distributed
-    from fastbn.distributed import _header
+    from fastbn.distributed import _protocol
+    from fastbn.distributed._engines import engine_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="16,64,16,16", help="local batch shape, NCHW (default 16,64,16,16)")
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--engine", choices=("mpi", "gloo"), default="mpi",
+                        help="mpi (under mpiexec) or gloo (torch.distributed, under torchrun)")
     args = parser.parse_args(argv)
-    comm = MPI.COMM_WORLD
+    engine = _MPI() if args.engine == "mpi" else _Gloo()
+    comm = engine.comm
     shape = tuple(int(s) for s in args.shape.split(","))
-    rng = np.random.default_rng(comm.Get_rank())
+    rng = np.random.default_rng(engine.rank)
     x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     c = shape[1]
@@ -55,26 +100,27 @@ def main(argv=None):
     sync_f = lambda: distributed.batch_norm_forward(x, w, b, running_mean=rm, running_var=rv, comm=comm)  # noqa: E731
     local_b = lambda: fastbn.batch_norm_backward(dy, x, mean, invstd, w)  # noqa: E731
     sync_b = lambda: distributed.batch_norm_backward(dy, x, mean, invstd, w, comm=comm)  # noqa: E731
-    payload = (_header(x, "NCHW"), tuple(np.zeros(c) for _ in range(3)))
-    gather_only = lambda: comm.allgather(payload)  # noqa: E731
+    own = (c, x.dtype, "NCHW", x.size // c, np.zeros(c), np.zeros(c))
+    gather_only = lambda: _protocol.exchange(engine_for(comm), "bench", own)  # noqa: E731
     for fn in (local_f, sync_f, local_b, sync_b, gather_only):  # compile and warm up
         fn()
-    t = {name: _median_time(comm, fn, args.repeat) for name, fn in
+    t = {name: _median_time(engine, fn, args.repeat) for name, fn in
          (("local_f", local_f), ("sync_f", sync_f), ("local_b", local_b), ("sync_b", sync_b),
           ("gather", gather_only))}
-    worst = comm.reduce(t, op=lambda a, b_: {k: max(a[k], b_[k]) for k in a}, root=0)
-    if comm.Get_rank() != 0:
+    times = engine.gather_objects(t)
+    engine.close()
+    if engine.rank != 0:
         return
-    sent = len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
-    p = comm.Get_size()
-    print(f"{p} MPI ranks, local batch {shape} float32 NCHW, C={c}; median of {args.repeat}, "
-          f"slowest rank, ms")
+    worst = {k: max(r[k] for r in times) for k in t}
+    sent = _protocol.payload_bytes(c)
+    print(f"{engine.size} ranks ({engine.name}), local batch {shape} float32 NCHW, C={c}; median of "
+          f"{args.repeat}, slowest rank, ms")
     print(f"{'pass':9s} {'local':>8s} {'synced':>8s} {'sync cost':>10s} {'bytes sent/rank':>16s}")
     for name, lo, sy in (("forward", "local_f", "sync_f"), ("backward", "local_b", "sync_b")):
         print(f"{name:9s} {1e3 * worst[lo]:8.3f} {1e3 * worst[sy]:8.3f} "
               f"{1e3 * (worst[sy] - worst[lo]):10.3f} {sent:16d}")
-    print(f"allgather of one payload alone: {1e3 * worst['gather']:.3f} ms; each rank receives "
-          f"{p} x {sent} bytes per pass (3 float64 per channel = {24 * c} bytes of data)")
+    print(f"the exchange alone (allgather and checks): {1e3 * worst['gather']:.3f} ms; each rank receives "
+          f"{engine.size} x {sent} bytes per pass ({16 * c} bytes of float64 data each)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Run under ``mpiexec -n P``: fastbn.distributed on every split of a batch against
 single-process fastbn on the concatenated batch, plus the mismatch errors.
 
-Usage: ``mpiexec -n P python mpi_worker.py SPLITS_JSON [--errors]``; SPLITS_JSON is a list of
-splits (each a list of P per-rank batch sizes).  Rank 0 prints one line
+Usage: ``mpiexec -n P python mpi_worker.py SPLITS_JSON [--errors] [--device]``; SPLITS_JSON is
+a list of splits (each a list of per-rank batch sizes, for at most P ranks; a split of
+p ranks runs on the world's first p ranks, with the error cases when asked).  ``--device`` runs the splits on
+numba device arrays instead (with NUMBA_ENABLE_CUDASIM=1 in the environment: the CUDA
+simulator), against single-process fastbn on the host.  Rank 0 prints one line
 ``FASTBN_RESULT {json}`` with the largest differences seen and the failures.
 """
 
@@ -13,6 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastbn
+from error_cases import device_error_failures, error_failures
 from fastbn import distributed
 
 comm = MPI.COMM_WORLD
@@ -138,56 +142,100 @@ def layer_case(split):
         check(scaled(synced(x), single.eval()(x)) < 1e-14, "layer eval")
 
 
-def expect_error(label, call, own_type=ValueError, fragment=""):
-    try:
-        call()
-    except (TypeError, ValueError) as e:
-        check(isinstance(e, own_type) and fragment in str(e),
-              f"{label}: got {type(e).__name__}: {e} (expected {own_type.__name__} with {fragment!r})")
-    else:
-        check(False, f"{label}: no error raised")
+def device_case(split, layout, dtype):
+    """The CUDA backend's synchronized forward/backward (statistics on the device, the
+    payload through the host), against single-process CPU fastbn on the whole batch."""
+    from numba import cuda
+
+    from fastbn.cuda import launch_config
+
+    c, n = 3, sum(split)
+    shape = (n, c, 2, 3) if layout == "NCHW" else (n, 2, 3, c)
+    rng = np.random.default_rng(n * 7 + len(layout))
+    x = (rng.standard_normal(shape) * 2.0 + 1e4).astype(dtype)  # a large offset
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight, bias = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    rm0, rv0 = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    lo = sum(split[:rank])
+    xl, dyl = x[lo:lo + split[rank]], dy[lo:lo + split[rank]]
+    tag = f"device split={split} layout={layout} dtype={np.dtype(dtype).name}"
+    d = cuda.to_device
+    rm, rv = d(rm0), d(rv0)
+    with launch_config.override(threads_per_block=32, max_blocks=4, values_per_block=1 << 20):
+        y, mean, invstd = distributed.batch_norm_forward(d(xl), d(weight), d(bias), running_mean=rm,
+                                                         running_var=rv, comm=comm, layout=layout)
+        dx, dw, db = distributed.batch_norm_backward(d(dyl), d(xl), mean, invstd, d(weight), comm=comm,
+                                                     layout=layout)
+        smean, svar = distributed.batch_stats(d(xl), comm=comm, layout=layout)
+        ye, _, _ = distributed.batch_norm_forward(d(xl), d(weight), d(bias), running_mean=d(rm0),
+                                                  running_var=d(rv0), comm=comm, training=False, layout=layout)
+    check(cuda.devicearray.is_cuda_ndarray(y) and cuda.devicearray.is_cuda_ndarray(dx)
+          and cuda.devicearray.is_cuda_ndarray(mean), f"{tag}: results are not device arrays")
+    check(y.shape == xl.shape and dx.shape == xl.shape and ye.shape == xl.shape, f"{tag}: y/dx shapes")
+    y, mean, invstd, dx, dw, db, rm, rv, smean, svar, ye = (
+        a.copy_to_host() for a in (y, mean, invstd, dx, dw, db, rm, rv, smean, svar, ye))
+    for value, what in ((mean, "save_mean"), (invstd, "save_invstd"), (rm, "running_mean"), (rv, "running_var")):
+        same_on_all_ranks(value, f"{tag}: {what}")
+    ys, dxs, yes = comm.gather(y, root=0), comm.gather(dx, root=0), comm.gather(ye, root=0)
+    dws, dbs = comm.gather(dw, root=0), comm.gather(db, root=0)
+    if rank != 0:
+        return
+    rm1, rv1 = rm0.copy(), rv0.copy()
+    y1, mean1, invstd1 = fastbn.batch_norm_forward(x, weight, bias, running_mean=rm1, running_var=rv1, layout=layout)
+    dx1, dw1, db1 = fastbn.batch_norm_backward(dy, x, mean1, invstd1, weight, layout=layout)
+    mean_s, var_s = fastbn.batch_stats(x, layout=layout)
+    ye1, _, _ = fastbn.batch_norm_forward(x, weight, bias, running_mean=rm0, running_var=rv0, training=False,
+                                          layout=layout)
+    stats = max(rel(mean, mean1), rel(invstd, invstd1), rel(smean, mean_s), rel(svar, var_s))
+    note("device_stats_rel", stats)
+    check(stats < 1e-12, f"{tag}: statistics rel {stats:.3g}")
+    running = max(rel(rm, rm1), rel(rv, rv1))
+    note("device_running_rel", running)
+    check(running <= max(2 * np.finfo(dtype).eps, 1e-12), f"{tag}: running statistics rel {running:.3g}")
+    # The device's statistics differ from the CPU's in summation order (stats_rel above);
+    # with a 1e4 offset an error r in the mean moves y by r * |mean| * invstd, so the bound
+    # is the dtype's rounding plus the measured statistics error, propagated.
+    propagated = stats * (np.max(np.abs(mean1) * invstd1) + np.max(np.abs(y1)) + 1)
+    bound = 16 * np.finfo(dtype).eps + 8 * propagated
+    ey, edx, eeval = scaled(concat(ys), y1), scaled(concat(dxs), dx1), scaled(concat(yes), ye1)
+    eg = max(scaled(np.sum(np.array(dws, np.float64), axis=0), dw1), scaled(np.sum(np.array(dbs, np.float64), axis=0), db1))
+    for key, e, b in (("y", ey, bound), ("dx", edx, bound), ("eval", eeval, bound), ("dweight_dbias", eg, 64 * bound)):
+        note(f"device_{key}", e)
+        check(e <= b, f"{tag}: {key} {e:.3g} > {b:.3g}")
 
 
-def errors():
-    x = np.ones((2, 3), np.float32) + np.arange(3, dtype=np.float32)
-    last = size - 1
-    if size > 1:
-        xc = np.ones((2, 4 if rank == 1 else 3), np.float32)
-        expect_error("channels", lambda: distributed.batch_norm_forward(xc, comm=comm), fragment="same channels")
-        xd = x.astype(np.float64) if rank == last else x
-        expect_error("dtype", lambda: distributed.batch_norm_forward(xd, comm=comm), fragment="same dtype")
-        x4 = np.ones((2, 3, 3, 3), np.float32)
-        lay = "NHWC" if rank == last else "NCHW"
-        expect_error("layout", lambda: distributed.batch_stats(x4, comm=comm, layout=lay), fragment="same layout")
-        # An invalid rank joins the collective flagged invalid and raises its own error.
-        w = np.ones(5 if rank == last else 3, np.float32)
-        expect_error("invalid weight", lambda: distributed.batch_norm_forward(x, w, comm=comm),
-                     fragment="weight: expected shape (3,)" if rank == last else f"rank(s) [{last}]")
-        dyb = np.ones((2, 3), np.float64 if rank == last else np.float32)
-        expect_error("invalid backward", lambda: distributed.batch_norm_backward(
-            dyb, x, np.zeros(3), np.ones(3), comm=comm),
-            own_type=TypeError if rank == last else ValueError,
-            fragment="dy: expected the dtype of x" if rank == last else f"rank(s) [{last}]")
-    # Too few values in the whole batch: every rank raises the same error.
-    xs = np.ones((1 if rank == 0 else 0, 3), np.float32)
-    expect_error("global count", lambda: distributed.batch_norm_forward(xs, comm=comm),
-                 fragment="Expected more than 1 value per channel")
-    # Still in step after the errors: one more collective call works.
-    m, v = distributed.batch_stats(x, comm=comm)
-    check(np.allclose(m, [1, 2, 3]) and np.allclose(v, 0), "collective after the errors")
+def use(communicator):
+    """Run the cases that follow on ``communicator`` (the worker's cases use these globals)."""
+    global comm, rank, size
+    comm, rank, size = communicator, communicator.Get_rank(), communicator.Get_size()
 
 
 def main():
+    """Splits of P ranks run on the first P ranks of the world (one launch serves every P:
+    a process start costs more than a split's cases), largest P first."""
+    world = MPI.COMM_WORLD
     splits = json.loads(sys.argv[1])
-    for split in splits:
-        assert len(split) == size, (split, size)
-        for layout in ("NCHW", "NHWC"):
-            for dtype in (np.float32, np.float64):
-                case(split, layout, dtype, 4)
-        case(split, "NCHW", np.float64, 2)
-        layer_case(split)
-    if "--errors" in sys.argv:
-        errors()
+    for p in sorted({len(split) for split in splits}, reverse=True):
+        sub = world.Split(0 if world.Get_rank() < p else MPI.UNDEFINED, world.Get_rank())
+        if sub == MPI.COMM_NULL:
+            continue
+        use(sub)
+        for split in (s for s in splits if len(s) == p):
+            if "--device" in sys.argv:
+                device_case(split, "NCHW", np.float64)
+                device_case(split, "NHWC", np.float32)
+                continue
+            for layout in ("NCHW", "NHWC"):
+                for dtype in (np.float32, np.float64):
+                    case(split, layout, dtype, 4)
+            case(split, "NCHW", np.float64, 2)
+            layer_case(split)
+        if "--device" in sys.argv:
+            failures.extend(device_error_failures(comm, rank, size))
+        if "--errors" in sys.argv:
+            failures.extend(error_failures(comm, rank, size))
+        sub.Free()
+    use(world)
     all_failures = comm.gather(failures, root=0)
     if rank == 0:
         print("FASTBN_RESULT " + json.dumps({"failures": sum(all_failures, []), "worst": worst}), flush=True)
