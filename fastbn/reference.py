@@ -123,3 +123,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     else:
         dx = dy64 * _per_channel(w * invstd, ndim, layout)
     return _store(out, dx, x.dtype), dweight, dbias
+
+
+from .reference_norms import (group_norm, group_norm_backward, group_norm_forward, instance_norm,  # noqa: E402,F401
+                              layer_norm, layer_norm_backward, layer_norm_forward)
