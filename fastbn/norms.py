@@ -33,10 +33,10 @@ def _host(arrays):
 def _normalized_shape(normalized_shape, x):
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         normalized_shape = (normalized_shape,)
-    try:
-        shape = tuple(int(s) for s in normalized_shape)
-    except TypeError:
-        raise TypeError(f"normalized_shape: expected an int or a tuple of ints, got {normalized_shape!r}") from None
+    if isinstance(normalized_shape, (str, bytes)) or not hasattr(normalized_shape, "__iter__") or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in normalized_shape):
+        raise TypeError(f"normalized_shape: expected an int or a tuple of ints, got {normalized_shape!r}")
+    shape = tuple(int(s) for s in normalized_shape)
     if not 1 <= len(shape) <= len(x.shape) or tuple(x.shape[len(x.shape) - len(shape):]) != shape:
         raise ValueError(f"normalized_shape: expected the trailing dimensions of x {tuple(x.shape)} "
                          f"(at least one), got {shape}")
