@@ -201,18 +201,31 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         Without ``use_input_stats`` they are required and normalized with (read only).
     weight, bias : (C,) arrays in x's dtype, or None.  eps : real > 0.
     """
-    backend = _host({"x": x, "running_mean": running_mean, "running_var": running_var, "weight": weight,
-                     "bias": bias})
-    _checks.check_layout(layout)
+    if not isinstance(use_input_stats, (bool, np.bool_)):
+        raise TypeError(f"use_input_stats: expected a bool, got {type(use_input_stats).__name__}")
+    if not use_input_stats:
+        _check_instance_input(x, {"x": x, "running_mean": running_mean, "running_var": running_var})
+        return batch_norm_forward(x, weight, bias, running_mean=running_mean, running_var=running_var,
+                                  training=False, momentum=momentum, eps=eps, layout=layout)[0]
+    return instance_norm_forward(x, running_mean, running_var, weight, bias, momentum, eps, layout=layout)[0]
+
+
+def _check_instance_input(x, arrays):
+    backend = _host(arrays)
     _checks.check_input(x, "x", backend.storage_dtypes)
     if len(x.shape) < 3:
         raise ValueError(f"x: expected an array of rank 3 to 5 (instance norm needs a spatial axis), "
                          f"got shape {tuple(x.shape)}")
-    if not isinstance(use_input_stats, (bool, np.bool_)):
-        raise TypeError(f"use_input_stats: expected a bool, got {type(use_input_stats).__name__}")
-    if not use_input_stats:
-        return batch_norm_forward(x, weight, bias, running_mean=running_mean, running_var=running_var,
-                                  training=False, momentum=momentum, eps=eps, layout=layout)[0]
+
+
+def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, bias=None, momentum=0.1,
+                          eps=1e-5, *, layout="NCHW"):
+    """Instance norm with the input's statistics (see :func:`instance_norm`); returns
+    ``(y, mean, invstd)``, the statistics float64 (N, C): what
+    :func:`group_norm_backward` with ``num_groups = C`` takes."""
+    _check_instance_input(x, {"x": x, "running_mean": running_mean, "running_var": running_var,
+                              "weight": weight, "bias": bias})
+    _checks.check_layout(layout)
     num_channels = _num_channels(x, layout)
     _checks.check_channel_vector(weight, "weight", num_channels, _param_dtype(x))
     _checks.check_channel_vector(bias, "bias", num_channels, _param_dtype(x))
@@ -223,4 +236,4 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         raise ValueError(f"x: expected more than 1 spatial element per channel when updating running "
                          f"statistics, got shape {tuple(x.shape)}")
     return _cpu.group_forward(x, num_channels, weight, bias, eps, running_mean, running_var, momentum, layout,
-                              None, x.dtype)[0]
+                              None, x.dtype)
