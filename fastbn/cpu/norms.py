@@ -17,12 +17,11 @@ from .. import dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import batch_norm_geometry, instance_geometry, layer_norm_geometry, sample_geometry
 from ..stats import BackwardSums, Moments
-from . import groups, layer, plans, stages, views
+from . import groups, layer, plans, small, stages, views
 from ._jit import guarded
 
-layer_apply = guarded(layer.layer_apply)
-layer_backward_sums = guarded(layer.layer_backward_sums)
-layer_backward_apply = guarded(layer.layer_backward_apply)
+layer_forward_kernel = guarded(layer.layer_forward)
+layer_backward_kernel = guarded(layer.layer_backward)
 
 
 # --------------------------------------------------------------------------- group and instance norm
@@ -140,20 +139,27 @@ def _rows(a, geom):
     return views.kernel_view(a, geom).reshape(geom.kept, geom.inner)
 
 
+def _launch(kernel, size):
+    """The parallel kernel, or its serial build for small tensors (no parallel region)."""
+    return kernel.serial if size <= small.SMALL_SIZE else kernel
+
+
 def layer_forward(x, num_normalized, weight, bias, eps, out, dtype):
     """``(y, mean, invstd)`` of layer norm over the trailing ``num_normalized`` axes; mean
     and invstd float64 of shape ``x.shape[:-num_normalized]``."""
     policy = dtypes.policy(dtype)
     geom = layer_norm_geometry(x.shape, x.strides, x.itemsize, num_normalized)
     x = views.as_dense(x, geom)
-    m = stages.moments(x, geom)
-    c = stages.forward_coefficients(m.count, m.mean, m.m2, True, None, None, eps, None, None, 0.0, False, dtype)
-    width = geom.inner
+    num_rows, width = geom.kept, geom.inner
+    save_mean, save_invstd = np.empty((2, num_rows))
+    center, scale, shift = np.empty((3, num_rows), policy.compute)
     target = views.output_target(out, (x,), geom)
-    layer_apply(_rows(x, geom), c.center, c.scale, c.shift, _affine(weight, 1, width, policy.compute),
-                _affine(bias, 0, width, policy.compute), plans.rows_per_chunk(width), _rows(target, geom))
+    _launch(layer_forward_kernel, x.size)(
+        _rows(x, geom), _affine(weight, 1, width, policy.compute), _affine(bias, 0, width, policy.compute), eps,
+        dtypes.largest(policy.compute), plans.rows_per_chunk(width), save_mean, save_invstd, center, scale, shift,
+        _rows(target, geom))
     lead = x.shape[:x.ndim - num_normalized]
-    return views.finish_output(target, out), c.mean.reshape(lead), c.invstd.reshape(lead)
+    return views.finish_output(target, out), save_mean.reshape(lead), save_invstd.reshape(lead)
 
 
 def layer_backward(dy, x, num_normalized, mean, invstd, weight, out, dtype):
@@ -163,20 +169,15 @@ def layer_backward(dy, x, num_normalized, mean, invstd, weight, out, dtype):
     geom = layer_norm_geometry(x.shape, x.strides, x.itemsize, num_normalized)
     x, dy = views.as_dense(x, geom), views.as_dense(dy, geom)
     num_rows, width = geom.kept, geom.inner
-    row_mean = np.ascontiguousarray(mean, np.float64).ravel()
-    row_invstd = np.ascontiguousarray(invstd, np.float64).ravel()
-    w = _affine(weight, 1, width, policy.compute)
     rows_per_chunk = plans.rows_per_chunk(width)
     num_chunks = -(-num_rows // rows_per_chunk)
-    sum_g, sum_g_xmu = np.empty((2, num_rows))
     part_dweight, part_dbias = np.empty((2, num_chunks, width))
-    layer_backward_sums(_rows(dy, geom), _rows(x, geom), row_mean, row_invstd, w, rows_per_chunk,
-                        sum_g, sum_g_xmu, part_dweight, part_dbias)
-    sums = BackwardSums(np.full(num_rows, float(width)), sum_g, sum_g_xmu)
-    c = stages.backward_coefficients(sums, row_mean, row_invstd, None, True, dtype)
+    coefficients = np.empty((4, num_rows), policy.compute)
     target = views.output_target(out, (dy, x), geom)
-    layer_backward_apply(_rows(dy, geom), _rows(x, geom), w, c.center, c.dy_scale, c.x_scale, c.shift,
-                         rows_per_chunk, _rows(target, geom))
+    _launch(layer_backward_kernel, x.size)(
+        _rows(dy, geom), _rows(x, geom), np.ascontiguousarray(mean, np.float64).ravel(),
+        np.ascontiguousarray(invstd, np.float64).ravel(), _affine(weight, 1, width, policy.compute),
+        dtypes.largest(policy.compute), rows_per_chunk, *coefficients, part_dweight, part_dbias, _rows(target, geom))
     normalized = x.shape[x.ndim - num_normalized:]
     dweight = part_dweight.sum(axis=0).astype(policy.parameters).reshape(normalized)
     dbias = part_dbias.sum(axis=0).astype(policy.parameters).reshape(normalized)
