@@ -118,9 +118,3 @@ def instance_geometry(shape, strides, itemsize):
     shape = tuple(shape)
     return _c_order_geometry(shape, strides, itemsize, PLANES, 1, shape[0] * shape[1], math.prod(shape[2:]))
 
-
-def sample_geometry(shape, strides, itemsize):
-    """The :class:`Geometry` keeping C of one sample ``x[n]`` of a channel-last array
-    (N, ..., C) of rank >= 3: the rows view ``(S, C, 1)`` of :func:`batch_norm_geometry`.
-    Channel-last group and instance norm run it once per sample, without a transpose."""
-    return batch_norm_geometry(tuple(shape)[1:], tuple(strides)[1:], itemsize, "NHWC")

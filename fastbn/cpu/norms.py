@@ -3,10 +3,10 @@
 per-group kernels (:mod:`fastbn.cpu.groups`) and layer norm's per-column affine
 (:mod:`fastbn.cpu.layer`).  Arguments arrive validated by :mod:`fastbn.norms`.
 
-Group and instance norm compute per-(n, c) moments with the batch-norm statistics
-kernels (channel-first: the planes view ``(1, N * C, S)``; channel-last: the rows view
-of each sample, no transpose), Chan-merge them per (n, g), and apply per-(n, c)
-coefficient vectors with the batch-norm apply kernels.
+Group and instance norm compute per-(n, c) moments, Chan-merge them per (n, g), and
+apply per-(n, c) coefficient vectors: channel-first with the batch-norm planes kernels
+on the view ``(1, N * C, S)``; channel-last with the batched rows kernels
+(:mod:`fastbn.cpu.batched_rows`) on the view ``(N, S, C)``, no transpose.
 """
 
 import math
@@ -15,44 +15,83 @@ import numpy as np
 
 from .. import dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
-from ..geometry import batch_norm_geometry, instance_geometry, layer_norm_geometry, sample_geometry
-from ..stats import BackwardSums, Moments
-from . import groups, layer, plans, small, stages, views
+from ..geometry import batch_norm_geometry, instance_geometry, layer_norm_geometry
+from ..stats import Moments
+from . import batched_rows, groups, layer, plans, small, stages, views
 from ._jit import guarded
 
+batched_moments = guarded(batched_rows.batched_rows_moments)
+batched_apply = guarded(batched_rows.batched_rows_apply)
+batched_backward_sums = guarded(batched_rows.batched_rows_backward_sums)
+batched_backward_apply = guarded(batched_rows.batched_rows_backward_apply)
 layer_forward_kernel = guarded(layer.layer_forward)
 layer_backward_kernel = guarded(layer.layer_backward)
+
+
+def _launch(kernel, size):
+    """The parallel kernel, or its serial build for small tensors (no parallel region)."""
+    return kernel.serial if size <= small.SMALL_SIZE else kernel
 
 
 # --------------------------------------------------------------------------- group and instance norm
 
 class _PerChannel:
-    """How one group-norm call sees ``x``: per-(n, c) geometry, per sample when channel-last."""
+    """How one group-norm call sees ``x``: the per-(n, c) planes view (1, N * C, S) of
+    channel-first memory, or the batched rows view (N, S, C) of channel-last memory."""
 
     def __init__(self, x, layout):
-        self.per_sample = layout == "NHWC" and x.ndim > 2
-        if self.per_sample:
-            self.whole = batch_norm_geometry(x.shape, x.strides, x.itemsize, "NHWC")
-            self.geometry = None
+        self.channel_last = layout == "NHWC" and x.ndim > 2
+        if self.channel_last:
+            self.geometry = batch_norm_geometry(x.shape, x.strides, x.itemsize, "NHWC")
         else:
-            self.whole = self.geometry = instance_geometry(x.shape, x.strides, x.itemsize)
-        self.num_samples, self.num_channels = x.shape[0], x.shape[-1 if self.per_sample else 1]
+            self.geometry = instance_geometry(x.shape, x.strides, x.itemsize)
+        self.num_samples, self.num_channels = x.shape[0], x.shape[-1 if self.channel_last else 1]
+        self.num_rows = math.prod(x.shape) // (self.num_samples * self.num_channels)
+        self.rows_per_chunk = plans.rows_per_chunk(self.num_channels)
+        self.num_chunks = -(-self.num_rows // self.rows_per_chunk)
+        self.size = math.prod(x.shape)
 
     def dense(self, a):
-        return views.as_dense(a, self.whole)
+        return views.as_dense(a, self.geometry)
 
-    def sample(self, a):
-        return sample_geometry(a.shape, a.strides, a.itemsize)
+    def batched(self, a):
+        """A dense channel-last array as its (N, S, C) view."""
+        return a.reshape(self.num_samples, self.num_rows, self.num_channels)
 
-    def rows(self, n):
-        return slice(n * self.num_channels, (n + 1) * self.num_channels)
+    def per_sample(self, v):
+        return v.reshape(self.num_samples, self.num_channels)
+
+    def item_partials(self):
+        return np.empty((2, self.num_samples * self.num_chunks, self.num_channels))
+
+
+def _by_chunk(part, view):
+    """Per-item partials (N * chunks, C) as (chunks, N * C): chunk-major, for the merge."""
+    shape = (view.num_samples, view.num_chunks, view.num_channels)
+    return np.ascontiguousarray(part.reshape(shape).transpose(1, 0, 2)).reshape(view.num_chunks, -1)
 
 
 def _channel_moments(x, view):
-    if not view.per_sample:
+    if not view.channel_last:
         return stages.moments(x, view.geometry)
-    parts = [stages.moments(x[n], view.sample(x)) for n in range(view.num_samples)]
-    return Moments(*(np.concatenate(field) for field in zip(*parts)))
+    part_mean, part_m2 = view.item_partials()
+    _launch(batched_moments, view.size)(view.batched(x), view.rows_per_chunk, part_mean, part_m2)
+    result = Moments(*np.empty((3, view.num_samples * view.num_channels)))
+    _launch(stages.merge_partials, view.size)(plans.chunk_counts(view.num_rows, view.rows_per_chunk),
+                                              _by_chunk(part_mean, view), _by_chunk(part_m2, view), *result)
+    return result
+
+
+def _channel_sums(dy, x, channel_mean, view):
+    """Per-(n, c) (sum(dy), sum(dy * (x - mean))), float64 (N * C,)."""
+    if not view.channel_last:
+        sums = stages.backward_sums(dy, x, channel_mean, view.geometry)
+        return sums.sum_dy, sums.sum_dy_xmu
+    part_dy, part_dy_xmu = view.item_partials()
+    _launch(batched_backward_sums, view.size)(view.batched(dy), view.batched(x), view.per_sample(channel_mean),
+                                              view.rows_per_chunk, part_dy, part_dy_xmu)
+    shape = (view.num_samples, view.num_chunks, view.num_channels)
+    return part_dy.reshape(shape).sum(axis=1).ravel(), part_dy_xmu.reshape(shape).sum(axis=1).ravel()
 
 
 def _placeholder(v, size, dtype):
@@ -68,7 +107,7 @@ def group_forward(x, num_groups, weight, bias, eps, running_mean, running_var, m
     x = view.dense(x)
     num_n, num_c = view.num_samples, view.num_channels
     m = _channel_moments(x, view)
-    group = Moments(*(np.empty(num_n * num_groups) for _ in range(3)))
+    group = Moments(*np.empty((3, num_n * num_groups)))
     groups.merge_groups(*m, num_c // num_groups, *group)
     update = running_mean is not None
     running = [np.tile(np.asarray(r, np.float64), num_n) if update else np.empty(0) for r in (running_mean, running_var)]
@@ -81,15 +120,12 @@ def group_forward(x, num_groups, weight, bias, eps, running_mean, running_var, m
     if update:
         running_mean[...] = running[0].reshape(num_n, num_c).mean(axis=0)
         running_var[...] = running[1].reshape(num_n, num_c).mean(axis=0)
-    coefficients = ForwardCoefficients(center, scale, shift, None, None)
-    if not view.per_sample:
-        y = stages.apply(x, coefficients, view.geometry, out)
+    if not view.channel_last:
+        y = stages.apply(x, ForwardCoefficients(center, scale, shift, None, None), view.geometry, out)
     else:
-        target = views.output_target(out, (x,), view.whole)
-        for n in range(num_n):
-            r = view.rows(n)
-            stages.apply(x[n], ForwardCoefficients(center[r], scale[r], shift[r], None, None),
-                         view.sample(x), target[n])
+        target = views.output_target(out, (x,), view.geometry)
+        _launch(batched_apply, view.size)(view.batched(x), *(view.per_sample(v) for v in (center, scale, shift)),
+                                          view.rows_per_chunk, view.batched(target))
         y = views.finish_output(target, out)
     return y, group.mean.reshape(num_n, num_groups), save_invstd.reshape(num_n, num_groups)
 
@@ -102,28 +138,20 @@ def group_backward(dy, x, num_groups, mean, invstd, weight, layout, out, dtype):
     num_n, num_c = view.num_samples, view.num_channels
     group_mean = np.ascontiguousarray(mean, np.float64).ravel()
     group_invstd = np.ascontiguousarray(invstd, np.float64).ravel()
-    channel_mean = np.repeat(group_mean, num_c // num_groups)
-    if not view.per_sample:
-        sums = stages.backward_sums(dy, x, channel_mean, view.geometry)
-    else:
-        parts = [stages.backward_sums(dy[n], x[n], channel_mean[view.rows(n)], view.sample(x))
-                 for n in range(num_n)]
-        sums = BackwardSums(*(np.concatenate(field) for field in zip(*parts)))
-    count = np.full(num_n * num_groups, float(math.prod(x.shape) // (num_n * num_groups)))
-    center, dy_scale, x_scale, shift = np.empty((4, num_n * num_c), policy.compute)
+    sum_dy, sum_dy_xmu = _channel_sums(dy, x, np.repeat(group_mean, num_c // num_groups), view)
+    count = np.full(num_n * num_groups, float(view.size // (num_n * num_groups)))
+    coefficients = np.empty((4, num_n * num_c), policy.compute)
     grads = np.empty((2, num_c))
     groups.group_backward_coefficients(
-        count, sums.sum_dy, sums.sum_dy_xmu, group_mean, group_invstd,
-        _placeholder(weight, num_c, policy.parameters), weight is not None, dtypes.largest(policy.compute),
-        grads[0], grads[1], center, dy_scale, x_scale, shift)
-    if not view.per_sample:
-        dx = stages.backward_apply(dy, x, BackwardCoefficients(center, dy_scale, x_scale, shift), view.geometry, out)
+        count, sum_dy, sum_dy_xmu, group_mean, group_invstd, _placeholder(weight, num_c, policy.parameters),
+        weight is not None, dtypes.largest(policy.compute), grads[0], grads[1], *coefficients)
+    if not view.channel_last:
+        dx = stages.backward_apply(dy, x, BackwardCoefficients(*coefficients), view.geometry, out)
     else:
-        target = views.output_target(out, (dy, x), view.whole)
-        for n in range(num_n):
-            r = view.rows(n)
-            stages.backward_apply(dy[n], x[n], BackwardCoefficients(center[r], dy_scale[r], x_scale[r], shift[r]),
-                                  view.sample(x), target[n])
+        target = views.output_target(out, (dy, x), view.geometry)
+        _launch(batched_backward_apply, view.size)(view.batched(dy), view.batched(x),
+                                                   *(view.per_sample(v) for v in coefficients),
+                                                   view.rows_per_chunk, view.batched(target))
         dx = views.finish_output(target, out)
     grads = grads.astype(policy.parameters)
     return dx, grads[0], grads[1]
@@ -137,11 +165,6 @@ def _affine(v, fill, size, dtype):
 
 def _rows(a, geom):
     return views.kernel_view(a, geom).reshape(geom.kept, geom.inner)
-
-
-def _launch(kernel, size):
-    """The parallel kernel, or its serial build for small tensors (no parallel region)."""
-    return kernel.serial if size <= small.SMALL_SIZE else kernel
 
 
 def layer_forward(x, num_normalized, weight, bias, eps, out, dtype):
