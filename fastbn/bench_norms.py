@@ -11,6 +11,8 @@ its own).  Shapes are NCHW-ordered; ``NHWC`` is channel-last memory (torch:
 ``channels_last``).  Layer norm normalizes the last dimension.
 """
 
+import importlib.util
+
 import numpy as np
 
 import fastbn
@@ -84,11 +86,7 @@ class TorchNorms:
 
     @classmethod
     def available(cls):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importlib.util.find_spec("torch") is not None
 
     def prepare(self, op, direction, layout, shape, dtype):
         import torch
