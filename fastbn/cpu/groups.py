@@ -1,6 +1,6 @@
-"""Per-group kernels of group and instance norm: the per-(n, c) statistics of
-:mod:`fastbn.cpu.stages` merged into per-(n, g) ones, and the per-(n, c) coefficients of
-the elementwise passes from them.
+"""Per-group kernels of group and instance norm: per-(n, c) statistics (from the planes
+or batched rows kernels, :mod:`fastbn.cpu.norms`) merged into per-(n, g) ones, and the
+per-(n, c) coefficients of the elementwise passes from them.
 
 Index conventions: per-(n, c) vectors have N * C entries (index ``n * C + c``), per-(n, g)
 ones N * G (index ``n * G + g``); with ``group_size = C // G`` the group of entry ``i`` is
