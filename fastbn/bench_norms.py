@@ -160,7 +160,11 @@ def norms_main(args, dtype, parse_shapes, smoke=False):
     rows = list(norm_rows(args.op, shapes, dtype, rounds=1 if args.quick else args.rounds))
     print(format_norm_rows(rows))
     print("torch/fastbn > 1: fastbn is faster (best per-call times, interleaved, same process)")
-    if args.json:
-        with (sys.stdout if args.json == "-" else open(args.json, "w")) as f:
-            json.dump({"op": args.op, "dtype": np.dtype(dtype).name, "rows": rows}, f, indent=1)
+    doc = {"op": args.op, "dtype": np.dtype(dtype).name, "rows": rows}
+    if args.json == "-":
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
     return 0
