@@ -26,3 +26,9 @@ from ._version import __version__
 
 __all__ = ["BatchNorm", "BackwardSums", "Moments", "batch_norm", "batch_norm_forward", "batch_norm_backward",
            "batch_stats", "moments", "reference", "stages", "stream_moments"]
+
+from .norms import (group_norm, group_norm_backward, group_norm_forward, instance_norm, layer_norm,  # noqa: E402
+                    layer_norm_backward, layer_norm_forward)
+
+__all__ += ["group_norm", "group_norm_backward", "group_norm_forward", "instance_norm", "layer_norm",
+            "layer_norm_backward", "layer_norm_forward"]

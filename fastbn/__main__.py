@@ -100,6 +100,9 @@ def build_parser():
     bench.add_argument("--small", action="store_true",
                        help="the small shapes (" + " ".join(map(fbench.shape_label, fbench.SMALL_SHAPES))
                             + "), per-call times in us; ops default to forward_train forward_eval backward")
+    bench.add_argument("--op", default="batch", choices=["batch", "layer", "group", "instance"],
+                       help="the normalization compared: batch (default) or layer/group/instance norm against "
+                            "PyTorch (fastbn.bench_norms)")
     bench.add_argument("--dtype", dest="bench_dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--ops", nargs="+", default=None, choices=list(fbench.OPS), metavar="OP",
                        help=f"subset of {', '.join(fbench.OPS)}")

@@ -282,6 +282,9 @@ def bench_main(args):
           f"{platform.machine()}")
     if args.step:
         return step_main(args, dtype)
+    if getattr(args, "op", "batch") != "batch":
+        from .bench_norms import norms_main
+        return norms_main(args, dtype, fbench.parse_shapes, fbench.smoke())
     llc_bytes = fbench.last_level_cache_bytes()
     rows = list(bench_rows(shapes, args.layouts, ops, dtype, quick=args.quick,
                            with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))

@@ -99,3 +99,26 @@ def batch_norm_geometry(shape, strides, itemsize, layout):
     if family == PLANES:
         return Geometry(shape, PLANES, planes_axes, shape[0], num_channels, plane_size, dense)
     return Geometry(shape, ROWS, rows_axes, shape[0] * plane_size, num_channels, 1, dense)
+
+
+def _c_order_geometry(shape, strides, itemsize, family, outer, kept, inner):
+    axes = tuple(range(len(shape)))
+    return Geometry(tuple(shape), family, axes, outer, kept, inner, is_dense_in(shape, strides, itemsize, axes))
+
+
+def layer_norm_geometry(shape, strides, itemsize, num_normalized):
+    """The :class:`Geometry` of layer norm over the trailing ``num_normalized`` axes:
+    the C-order view ``(1, M, K)`` in PLANES, one kept index per leading position (M the
+    product of the leading sizes, K that of the normalized ones)."""
+    shape = tuple(shape)
+    kept = math.prod(shape[:len(shape) - num_normalized])
+    return _c_order_geometry(shape, strides, itemsize, PLANES, 1, kept, math.prod(shape) // kept)
+
+
+def instance_geometry(shape, strides, itemsize):
+    """The :class:`Geometry` keeping (N, C) of a channel-first array (N, C, ...): the
+    C-order view ``(1, N * C, S)`` in PLANES, S the product of the spatial sizes (1 for
+    rank 2).  Group and instance norm reduce these per-(n, c) statistics further."""
+    shape = tuple(shape)
+    return _c_order_geometry(shape, strides, itemsize, PLANES, 1, shape[0] * shape[1], math.prod(shape[2:]))
+

@@ -33,10 +33,13 @@ This is the only part of fastbn that imports torch; ``import fastbn`` never does
 
 from ._batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
 from ._sync import SyncBatchNorm, convert_sync_batchnorm
+from ._norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "convert_sync_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "convert_sync_batchnorm",
+           "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm"]
 
 # Public path in reprs and pickles (torch.save of a whole model), not the private module.
-for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert, convert_sync_batchnorm):
+for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert, convert_sync_batchnorm,
+                GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm):
     _public.__module__ = __name__
 del _public

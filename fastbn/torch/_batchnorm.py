@@ -2,7 +2,7 @@
 
 import torch
 
-from . import _ops
+from . import _norms, _ops
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -111,12 +111,14 @@ _FASTBN_CLASS = {
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by its fastbn class.
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm`` and
+    ``InstanceNorm1d/2d/3d`` in ``module`` by its fastbn class.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new modules share the
     old ones' parameter and buffer tensors (so optimizers holding the parameters keep
     working) and training mode; hooks registered on the old modules are not carried
-    over.  Only modules whose type is exactly one of the three torch classes are
+    over (the layer/group/instance norm twins keep the old module's attributes, hooks
+    included).  Only modules whose type is exactly one of these torch classes are
     replaced (subclasses may compute something else).
 
     ``torch.nn.SyncBatchNorm`` modules are left as they are (not converted; they need
@@ -139,7 +141,9 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
             f"fastbn.torch.convert: {type(module).__name__} has not been materialized; run one "
             "forward pass through the model first (it then becomes a BatchNorm*d and is converted)")
     fastbn_class = _FASTBN_CLASS.get(type(module))
-    converted = module
+    converted = _norms.convert_norm(module)
+    if converted is None:
+        converted = module
     if fastbn_class is not None:
         converted = fastbn_class(module.num_features, module.eps, module.momentum, module.affine,
                                  module.track_running_stats)
