@@ -11,7 +11,8 @@ route indices.  O(N * C) work: serial kernels.
 
 import numpy as np
 
-from ..algebra import backward_channel, batch_forward_channel, chan_merge, parameter_gradients, saturate
+from ..algebra import (backward_channel, chan_merge, forward_channel, parameter_gradients, population_variance,
+                       running_update, saturate)
 from ._jit import serial_kernel
 
 
@@ -49,11 +50,16 @@ def group_forward_coefficients(count, mean, m2, weight, bias, use_weight, use_bi
     row_invstd = np.empty(num_channels)
     for lo in range(0, center.size, num_channels):
         hi = lo + num_channels
+        row_center, row_scale, row_shift = center[lo:hi], scale[lo:hi], shift[lo:hi]
+        if update_running:  # outside the channel loop (see fastbn.algebra)
+            row_running_mean, row_running_var = running_mean[lo:hi], running_var[lo:hi]
+            for c in range(num_channels):
+                g = (lo + c) // group_size
+                running_update(c, count[g], mean[g], m2[g], momentum, row_running_mean, row_running_var)
         for c in range(num_channels):
             g = (lo + c) // group_size
-            batch_forward_channel(c, count[g], mean[g], m2[g], weight, bias, use_weight, use_bias, eps, big,
-                                  momentum, running_mean[lo:hi], running_var[lo:hi], update_running,
-                                  row_mean, row_invstd, center[lo:hi], scale[lo:hi], shift[lo:hi])
+            forward_channel(c, mean[g], population_variance(count[g], m2[g]), weight, bias, use_weight, use_bias,
+                            eps, big, row_mean, row_invstd, row_center, row_scale, row_shift)
             save_invstd[g] = row_invstd[c]
 
 

@@ -14,7 +14,7 @@ loop is here.  Work items are chunks of ``rows_per_chunk`` whole rows.
 import numpy as np
 from numba import prange
 
-from ..algebra import backward_channel, forward_channel, shifted_moments
+from ..algebra import backward_channel, forward_channel, population_variance, shifted_moments
 from ._jit import parallel_kernel
 
 
@@ -38,7 +38,9 @@ def layer_forward(x2, weight, bias, eps, big, rows_per_chunk, save_mean, save_in
                 s1 += d
                 s2 += d * d
             mean, m2 = shifted_moments(pivot, s1, s2, width)
-            forward_channel(m, mean, m2 / width, weight, bias, False, False, eps, big,
+            # The row's own coefficients (weight 1, bias 0: the (K,) affine follows per
+            # element); ``scale`` stands in for the unused (M,) weight and bias vectors.
+            forward_channel(m, mean, population_variance(width, m2), scale, scale, False, False, eps, big,
                             save_mean, save_invstd, center, scale, shift)
             yr = y2[m]
             c = center[m]
@@ -79,7 +81,7 @@ def layer_backward(dy2, x2, mean, invstd, weight, big, rows_per_chunk, center, d
                 s2 += g * xmu
                 dw[k] += d * (xmu * r)
                 db[k] += d
-            backward_channel(m, np.float64(width), s1, s2, mu, r, weight, False, True, big,
+            backward_channel(m, np.float64(width), s1, s2, mu, r, dy_scale, False, True, big,
                              center, dy_scale, x_scale, shift)
             dr = dx2[m]
             c = center[m]
