@@ -20,11 +20,19 @@ Contract shared by every public function (see also each docstring):
   one call is a TypeError.  On the device, float16 ``x`` is accepted too: it is
   accumulated in float32, and its weight, bias, running statistics, saved statistics,
   ``dweight`` and ``dbias`` are float32 (float16 ``y``/``dx``).
+- Empty batches (NumPy arrays with a dimension of size 0, N = 0 or any other, as
+  ``torch.nn.functional.batch_norm`` on the CPU; device arrays refuse them) are valid in
+  training and eval: ``y``/``dx`` are empty, the running statistics are left untouched,
+  ``dweight``/``dbias`` are 0, and the batch statistics of an empty batch
+  (``batch_stats``, training ``save_mean``/``save_invstd``) are NaN, there being no
+  values (torch leaves them uninitialized); eval returns the running ones as usual.
 - Thread-safe: calls may run concurrently from several Python threads (the CPU kernels
   release the GIL; on Numba's non-thread-safe ``workqueue`` layer launches are
   serialized), and a process forked after using fastbn can use it (see
   :mod:`fastbn.cpu._jit`).
 """
+
+import numpy as np
 
 from . import _checks, dtypes
 from ._dispatch import select_backend
@@ -40,6 +48,22 @@ def _param_dtype(x):
         return dtype
 
 
+def _allows_empty(backend):
+    """Empty batches are handled on the host (see the module docstring)."""
+    return backend.name == "cpu"
+
+
+def _empty_batch_forward(b, x, num_channels, weight, bias, running_mean, running_var, training, eps,
+                         out, dtype):
+    """batch_norm_forward's result for an empty host ``x``: nothing to normalize or update."""
+    y = np.empty(x.shape, dtype) if out is None else out
+    if training:
+        return y, np.full(num_channels, np.nan), np.full(num_channels, np.nan)
+    coefficients = b.forward_coefficients(
+        None, running_mean, running_var, False, weight, bias, float(eps), None, None, 0.0, False, dtype)
+    return y, coefficients.mean, coefficients.invstd
+
+
 def batch_stats(x, *, layout="NCHW"):
     """Per-channel mean and population (biased) variance, in one pass over ``x``.
 
@@ -48,17 +72,21 @@ def batch_stats(x, *, layout="NCHW"):
     x : float32 or float64 array of rank 2-5, channels on axis 1 (``layout="NCHW"``:
         (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)) or on the last axis
         (``layout="NHWC"``).  A numpy.ndarray (any strides) or a CUDA device array;
-        lists, scalars, 0-d/1-d arrays, empty arrays (any dimension 0) and integer,
+        lists, scalars, 0-d/1-d arrays, empty device arrays and integer,
         bool, complex, object or (on the CPU) float16 dtypes raise TypeError/ValueError.
     layout : "NCHW" or "NHWC".
 
     Returns
     -------
-    (mean, var) : float64 arrays of shape (C,) (float32 for float16 device input).
+    (mean, var) : float64 arrays of shape (C,) (float32 for float16 device input); NaN
+        for an empty x (see the module docstring).
     """
     backend = select_backend({"x": x})
     _checks.check_layout(layout)
-    _checks.check_input(x, "x", backend.storage_dtypes)
+    _checks.check_input(x, "x", backend.storage_dtypes, _allows_empty(backend))
+    if _checks.is_empty(x.shape):
+        channels = x.shape[_checks.channel_axis(x.ndim, layout)]
+        return np.full(channels, np.nan), np.full(channels, np.nan)
     b = backend.module
     return b.mean_var(b.moments(x, b.geometry(x, layout)), _checks.dtype_of(x))
 
@@ -111,11 +139,15 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     """
     backend = select_backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
                               "running_var": running_var, "out": out})
-    _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                               layout, backend.storage_dtypes, _param_dtype(x))
+    num_channels = _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum,
+                                              eps, layout, backend.storage_dtypes, _param_dtype(x),
+                                              _allows_empty(backend))
     dtype = _checks.dtype_of(x)
     _checks.check_out(out, "out", x.shape, dtype)
     b = backend.module
+    if _checks.is_empty(x.shape):
+        return _empty_batch_forward(b, x, num_channels, weight, bias, running_mean, running_var, training, eps,
+                                    out, dtype)
     geometry = b.geometry(x, layout)
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
     # The stages below in fewer launches (CUDA) or one call (small CPU tensors); None: not here.
@@ -163,10 +195,14 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     """
     backend = select_backend({"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd,
                               "weight": weight, "out": out})
-    _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
-                                backend.storage_dtypes, _param_dtype(x), backend.statistics_dtypes)
+    num_channels = _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
+                                               backend.storage_dtypes, _param_dtype(x),
+                                               backend.statistics_dtypes, _allows_empty(backend))
     dtype = _checks.dtype_of(x)
     _checks.check_out(out, "out", x.shape, dtype)
+    if _checks.is_empty(x.shape):  # sums over no values
+        dx = np.empty(x.shape, dtype) if out is None else out
+        return dx, np.zeros(num_channels, dtype), np.zeros(num_channels, dtype)
     b = backend.module
     geometry = b.geometry(x, layout)
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)

@@ -52,11 +52,16 @@ def reject_masked(a, name):
         raise TypeError(f"{name}: expected a plain array (the mask would be ignored), got a numpy masked array")
 
 
-def check_input(x, name, float_dtypes):
+def is_empty(shape):
+    """True when an array of ``shape`` has no elements (an empty batch)."""
+    return 0 in tuple(shape)
+
+
+def check_input(x, name, float_dtypes, allow_empty=False):
     """Check the data tensor ``x`` (input or gradient) and return it unchanged.
 
-    Expected: an array object (NumPy or device array) of rank 2 to 5, non-empty,
-    with a dtype in ``float_dtypes``.
+    Expected: an array object (NumPy or device array) of rank 2 to 5, non-empty
+    unless ``allow_empty``, with a dtype in ``float_dtypes``.
     """
     if not hasattr(x, "shape") or not hasattr(x, "dtype") or isinstance(x, np.generic):
         raise TypeError(
@@ -72,7 +77,7 @@ def check_input(x, name, float_dtypes):
     if dtype_of(x) not in float_dtypes:
         allowed = " or ".join(str(d) for d in float_dtypes)
         raise TypeError(f"{name}: expected dtype {allowed}, got {dtype_name(x)}")
-    if 0 in tuple(x.shape):
+    if not allow_empty and is_empty(x.shape):
         raise ValueError(f"{name}: expected a non-empty array, got shape {tuple(x.shape)}")
     reject_masked(x, name)
     return x
@@ -184,7 +189,9 @@ def check_out(out, name, shape, dtype):
     reject_masked(out, name)
     check_writable(out, name)
     strides = getattr(out, "strides", None)
-    if strides is not None and any(st == 0 and n > 1 for st, n in zip(strides, out.shape)):
+    # An empty array has no elements to overlap (NumPy gives some stride 0).
+    if strides is not None and not is_empty(out.shape) and any(
+            st == 0 and n > 1 for st, n in zip(strides, out.shape)):
         raise ValueError(f"{name}: expected an array whose elements do not overlap in memory, "
                          f"got strides {tuple(strides)} for shape {tuple(out.shape)}")
     return out
@@ -199,10 +206,11 @@ def check_training_size(shape, layout):
 
 
 def check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                       layout, float_dtypes, param_dtype):
-    """Validate every argument of a forward call.  Returns the number of channels."""
+                       layout, float_dtypes, param_dtype, allow_empty=False):
+    """Validate every argument of a forward call (an empty ``x`` only with
+    ``allow_empty``).  Returns the number of channels."""
     layout = check_layout(layout)
-    check_input(x, "x", float_dtypes)
+    check_input(x, "x", float_dtypes, allow_empty)
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     check_scalar(eps, "eps", 0.0, math.inf, low_open=True)
@@ -211,17 +219,18 @@ def check_forward_args(x, weight, bias, running_mean, running_var, training, mom
     check_channel_vector(weight, "weight", num_channels, param_dtype)
     check_channel_vector(bias, "bias", num_channels, param_dtype)
     check_running_stats(running_mean, running_var, num_channels, param_dtype, training)
-    if training:
+    if training and not is_empty(x.shape):  # an empty batch passes, as in torch
         check_training_size(x.shape, layout)
     return num_channels
 
 
 def check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
-                        float_dtypes, param_dtype, stat_dtypes):
-    """Validate every argument of a backward call.  Returns the number of channels."""
+                        float_dtypes, param_dtype, stat_dtypes, allow_empty=False):
+    """Validate every argument of a backward call (empty ``dy`` and ``x`` only with
+    ``allow_empty``).  Returns the number of channels."""
     layout = check_layout(layout)
-    check_input(x, "x", float_dtypes)
-    check_input(dy, "dy", float_dtypes)
+    check_input(x, "x", float_dtypes, allow_empty)
+    check_input(dy, "dy", float_dtypes, allow_empty)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dtype_of(dy) != dtype_of(x):
@@ -234,6 +243,6 @@ def check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
             raise ValueError(f"{name}: expected an array of shape ({num_channels},), got None")
         check_channel_vector(value, name, num_channels, stat_dtypes)
     check_channel_vector(weight, "weight", num_channels, param_dtype)
-    if training:
+    if training and not is_empty(x.shape):  # an empty batch passes, as in torch
         check_training_size(x.shape, layout)
     return num_channels

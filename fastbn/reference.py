@@ -29,6 +29,9 @@ def _per_channel(v, ndim, layout):
 
 def _stats64(x64, layout):
     axes = _reduce_axes(x64.ndim, layout)
+    if x64.size == 0:  # an empty batch has no statistics (fastbn's documented NaN)
+        nan = np.full(x64.shape[_checks.channel_axis(x64.ndim, layout)], np.nan)
+        return nan, nan.copy()
     mean = x64.mean(axis=axes)
     centered = x64 - _per_channel(mean, x64.ndim, layout)
     var = (centered * centered).mean(axis=axes)
@@ -60,7 +63,7 @@ def batch_stats(x, *, layout="NCHW"):
     x: float array of rank 2-5 in ``layout``.  Returns ``(mean, var)``, float64, shape (C,).
     """
     _checks.check_layout(layout)
-    _checks.check_input(x, "x", FLOAT_DTYPES)
+    _checks.check_input(x, "x", FLOAT_DTYPES, allow_empty=True)
     return _stats64(np.asarray(x, dtype=np.float64), layout)
 
 
@@ -77,12 +80,12 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     Running statistics, when given and ``training``, are updated in place.
     """
     _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                               layout, FLOAT_DTYPES, FLOAT_DTYPES)
+                               layout, FLOAT_DTYPES, FLOAT_DTYPES, allow_empty=True)
     _checks.check_out(out, "out", x.shape, x.dtype)
     x64 = np.asarray(x, dtype=np.float64)
     if training:
         mean, var = _stats64(x64, layout)
-        if running_mean is not None:
+        if running_mean is not None and x64.size:  # an empty batch updates nothing
             n = _checks.values_per_channel(x.shape, layout)
             running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
             running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * var * (n / (n - 1))
@@ -104,7 +107,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``; ``dweight``/``dbias`` float64 (C,).
     """
     _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
-                                FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES)
+                                FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, allow_empty=True)
     _checks.check_out(out, "out", x.shape, x.dtype)
     ndim = x.ndim
     axes = _reduce_axes(ndim, layout)
@@ -115,7 +118,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     x_hat = (x64 - _per_channel(save_mean, ndim, layout)) * _per_channel(invstd, ndim, layout)
     dbias = dy64.sum(axis=axes)
     dweight = (dy64 * x_hat).sum(axis=axes)
-    if training:
+    if training and x64.size:  # with no values, no path through the batch statistics
         n = _checks.values_per_channel(x.shape, layout)
         dx = _per_channel(w * invstd, ndim, layout) * (
             dy64 - _per_channel(dbias / n, ndim, layout) - x_hat * _per_channel(dweight / n, ndim, layout)

@@ -26,7 +26,7 @@ Operators and derivatives.  Forward and backward are PyTorch operators,
 on fastbn kernels.  The backward is differentiable: its own derivative (double
 backward, Hessian-vector products, gradient penalties) and the gradient through the
 saved batch statistics are computed with torch ops, as is the forward-mode (jvp)
-formula; see :mod:`fastbn.torch._ops`.
+formula, forward-over-reverse included; see :mod:`fastbn.torch._ops_autograd`.
 
 This is the only part of fastbn that imports torch; ``import fastbn`` never does.
 """

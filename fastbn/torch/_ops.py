@@ -1,5 +1,6 @@
 """fastbn's batch norm as PyTorch operators: ``torch.ops.fastbn.batch_norm`` and
-``torch.ops.fastbn.batch_norm_backward``.
+``torch.ops.fastbn.batch_norm_backward`` (eager kernels, fake kernels for the compiler,
+vmap rules), and :func:`batch_norm`, the entry point the layers call.
 
 What runs where:
 
@@ -7,20 +8,14 @@ What runs where:
   run on fastbn kernels;
 - the derivative of the backward (double backward: Hessian-vector products, gradient
   penalties), the gradient flowing into the saved batch statistics, and the forward-mode
-  (jvp) formula are written with differentiable torch ops, so any order of
-  differentiation works;
+  (jvp) formulas of both operators, forward-over-reverse included, are written with
+  differentiable torch ops, so any order of differentiation works
+  (:mod:`fastbn.torch._ops_autograd`);
 - under ``torch.func`` transforms and forward-mode AD the operators are called through
-  :class:`BatchNormFunction` (an ``autograd.Function`` with a ``jvp``); ``vmap`` folds the
-  vmapped dimension into the channels (each vmapped slice is normalized on its own, as
-  torch does).
+  ``autograd.Function`` classes that carry the jvp formulas; ``vmap`` folds the vmapped
+  dimension into the channels (each vmapped slice is normalized on its own, as torch
+  does)."""
 
-Per channel, with ``mu``, ``s = 1/sqrt(var + eps)`` the saved statistics, ``w`` the
-weight (1 when None) and sums over every axis but the channel one (``M`` values):
-``dx = w*s*(dy - sum(dy)/M - (x - mu)*s^2*sum(dy*(x - mu))/M)`` in training (``w*s*dy``
-in eval), ``dweight = s*sum(dy*(x - mu))``, ``dbias = sum(dy)``.
-"""
-
-import math
 from typing import Optional
 
 import numpy as np
@@ -28,6 +23,8 @@ import torch
 from torch import Tensor
 
 from .._api import batch_norm_backward, batch_norm_forward
+from ._ops_autograd import (BatchNormFunction, _backward_backward, _backward_setup_context,
+                            _forward_backward, _forward_setup_context, _needs_function)
 
 
 class FastbnValueError(ValueError, RuntimeError):
@@ -176,113 +173,6 @@ def _batch_norm_backward_fake(dy, x, save_mean, save_invstd, weight, training):
     return torch.empty_like(x), x.new_empty((channels,)), x.new_empty((channels,))
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _geometry(x):
-    """(broadcast shape of a per-channel vector, reduction dims, values per channel)."""
-    channels = x.shape[1]
-    shape = (1, channels) + (1,) * (x.dim() - 2)
-    dims = [0] + list(range(2, x.dim()))
-    return shape, dims, x.numel() // max(channels, 1)
-
-
-def _stats_vjp(x, mean, invstd, grad_mean, grad_invstd):
-    """Gradient on x from gradients on the batch statistics (training):
-    d mean/dx = 1/M, d invstd/dx = -invstd^3 (x - mean)/M.  None when both are None."""
-    if grad_mean is None and grad_invstd is None:
-        return None
-    shape, _, count = _geometry(x)
-    grad = torch.zeros((), dtype=x.dtype, device=x.device)
-    if grad_mean is not None:
-        grad = grad + (grad_mean / count).to(x.dtype).view(shape)
-    if grad_invstd is not None:
-        s = invstd.to(x.dtype).view(shape)
-        grad = grad - (grad_invstd.to(x.dtype).view(shape) * s ** 3) * (x - mean.to(x.dtype).view(shape)) / count
-    return grad.expand(x.shape)
-
-
-def _add(a, b):
-    return b if a is None else (a if b is None else a + b)
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-def _forward_setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, training, _, _ = inputs
-    _, mean, invstd, _, _ = output
-    ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.training = training
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-
-
-def _forward_backward(ctx, grad_y, grad_mean, grad_invstd, _grad_new_mean, _grad_new_var):
-    x, weight, mean, invstd = ctx.saved_tensors
-    dx = dweight = dbias = None
-    if grad_y is not None:
-        args = (grad_y, x, mean, invstd, weight, ctx.training)
-        # Under torch.func the operator's own autograd is not usable (torch's generated
-        # Function for it has no setup_context); BackwardFunction wraps the same operator.
-        op = BackwardFunction.apply if _needs_function(args[:5]) else torch.ops.fastbn.batch_norm_backward
-        dx, dweight, dbias = op(*args)
-    if ctx.training:  # in eval the statistics are the running ones: no path to x
-        dx = _add(dx, _stats_vjp(x, mean, invstd, grad_mean, grad_invstd))
-    return (dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None,
-            None, None, None, None, None)
-
-
-def _backward_setup_context(ctx, inputs, output):
-    dy, x, mean, invstd, weight, training = inputs
-    ctx.save_for_backward(dy, x, mean, invstd, weight)
-    ctx.training = training
-
-
-def _backward_backward(ctx, grad_dx, grad_dweight, grad_dbias):
-    """Vector-Jacobian product of the backward pass (see the module docstring for dx),
-    with mu and s as independent inputs (their dependence on x is _stats_vjp's); torch
-    ops throughout, so it is differentiable itself."""
-    dy, x, mean, invstd, weight = ctx.saved_tensors
-    shape, dims, count = _geometry(x)
-    mu, s = mean.to(x.dtype).view(shape), invstd.to(x.dtype).view(shape)
-    w = weight.view(shape) if weight is not None else torch.ones((), dtype=x.dtype, device=x.device)
-    d = x - mu
-    sum_dy = dy.sum(dims, keepdim=True)
-    sum_dy_d = (dy * d).sum(dims, keepdim=True)
-    g_dy = g_x = g_w = g_mu = g_s = None
-    if grad_dx is not None:
-        u = grad_dx
-        sum_u_dy = (u * dy).sum(dims, keepdim=True)
-        if ctx.training:
-            sum_u = u.sum(dims, keepdim=True)
-            sum_u_d = (u * d).sum(dims, keepdim=True)
-            g_dy = w * s * (u - sum_u / count - s * s * sum_u_d * d / count)
-            g_x = -w * s ** 3 * (sum_u_d * dy + sum_dy_d * u) / count
-            g_w = s * sum_u_dy - s * sum_dy * sum_u / count - s ** 3 * sum_dy_d * sum_u_d / count
-            g_mu = w * s ** 3 * (sum_dy * sum_u_d + sum_dy_d * sum_u) / count
-            g_s = w * (sum_u_dy - sum_dy * sum_u / count - 3 * s * s * sum_dy_d * sum_u_d / count)
-        else:
-            g_dy = w * s * u
-            g_w = s * sum_u_dy
-            g_s = w * sum_u_dy
-    if grad_dweight is not None:
-        a = grad_dweight.view(shape)
-        g_dy = _add(g_dy, a * s * d)
-        g_x = _add(g_x, a * s * dy)
-        g_mu = _add(g_mu, -a * s * sum_dy)
-        g_s = _add(g_s, a * sum_dy_d)
-    if grad_dbias is not None:
-        g_dy = _add(g_dy, grad_dbias.view(shape))
-    channels = x.shape[1]
-
-    def vector(g, dtype):
-        return None if g is None else g.reshape(channels).to(dtype)
-
-    return (None if g_dy is None else g_dy.expand(x.shape), None if g_x is None else g_x.expand(x.shape),
-            vector(g_mu, mean.dtype), vector(g_s, invstd.dtype),
-            vector(g_w, x.dtype) if weight is not None else None, None)
-
-
 batch_norm_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
 batch_norm_backward_op.register_autograd(_backward_backward, setup_context=_backward_setup_context)
 
@@ -343,114 +233,6 @@ def _batch_norm_backward_vmap(info, in_dims, dy, x, save_mean, save_invstd, weig
 
 batch_norm_op.register_vmap(_batch_norm_vmap)
 batch_norm_backward_op.register_vmap(_batch_norm_backward_vmap)
-
-
-# --------------------------------------------------------------------------- torch.func, forward AD
-
-
-class BatchNormFunction(torch.autograd.Function):
-    """The forward operator with a forward-mode (jvp) formula, for torch.func and
-    ``torch.autograd.forward_ad``; outside them :func:`batch_norm` calls the operator
-    directly (torch.compile does not trace a Function that defines ``jvp``).
-
-    Returns ``(y, save_mean, save_invstd)`` and copies the updated running statistics
-    into their buffers here, below the transforms (a transform forbids mutating a
-    captured tensor with one of its own outputs); backward is the operator's.
-    ``generate_vmap_rule``: forward, backward and jvp are torch ops and the operators,
-    which have vmap rules.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, mean, invstd, new_mean, new_var = torch.ops.fastbn.batch_norm(
-            x, weight, bias, running_mean, running_var, training, momentum, eps)
-        if training and running_mean is not None:
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-        return y, mean, invstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _forward_setup_context(ctx, inputs, output + (None, None))
-        x, weight, _, _, running_var, _, _, _ = inputs
-        _, mean, invstd = output
-        ctx.save_for_forward(x, weight, mean, invstd, running_var)
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_mean, grad_invstd):
-        return _forward_backward(ctx, grad_y, grad_mean, grad_invstd, None, None)
-
-    @staticmethod
-    def jvp(ctx, tx, tweight, tbias, trunning_mean, trunning_var, *_):
-        """Tangents of y, mean, invstd.  Training: t_mean = mean(tx),
-        t_invstd = -invstd^3 mean((x - mean) tx); eval: from the running statistics'
-        tangents (t_invstd = -invstd^3 t_var / 2)."""
-        x, weight, mean, invstd, running_var = ctx.saved_tensors
-        shape, dims, count = _geometry(x)
-        mu, s = mean.to(x.dtype).view(shape), invstd.to(x.dtype).view(shape)
-        d = x - mu
-        t_mu = t_s = None
-        if ctx.training:
-            if tx is not None:
-                t_mu = tx.mean(dims, keepdim=True)
-                t_s = -s ** 3 * (d * tx).mean(dims, keepdim=True)
-        else:
-            if trunning_mean is not None:
-                t_mu = trunning_mean.to(x.dtype).view(shape)
-            if trunning_var is not None:
-                t_s = -0.5 * s ** 3 * trunning_var.to(x.dtype).view(shape)
-        t_xhat = None
-        if tx is not None:
-            t_xhat = tx * s
-        if t_mu is not None:
-            t_xhat = _add(t_xhat, -t_mu * s)
-        if t_s is not None:
-            t_xhat = _add(t_xhat, d * t_s)
-        t_y = None
-        if t_xhat is not None:
-            t_y = t_xhat * weight.view(shape) if weight is not None else t_xhat
-        if tweight is not None:
-            t_y = _add(t_y, tweight.view(shape) * d * s)
-        if tbias is not None:
-            t_y = _add(t_y, tbias.view(shape))
-        t_y = torch.zeros_like(x) if t_y is None else t_y.expand(x.shape)
-        channels = x.shape[1]
-
-        def vector(t, like):
-            return torch.zeros_like(like) if t is None else t.reshape(channels).to(like.dtype)
-
-        return t_y, vector(t_mu, mean), vector(t_s, invstd)
-
-
-class BackwardFunction(torch.autograd.Function):
-    """The backward operator with its registered derivative, for torch.func."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(dy, x, save_mean, save_invstd, weight, training):
-        return torch.ops.fastbn.batch_norm_backward(dy, x, save_mean, save_invstd, weight, training)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _backward_setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad_dx, grad_dweight, grad_dbias):
-        return _backward_backward(ctx, grad_dx, grad_dweight, grad_dbias)
-
-
-def _needs_function(tensors):
-    """True under torch.func transforms or forward-mode AD, where the operator alone
-    (no jvp, no functorch-level autograd) is not enough."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and is_wrapped(t) for t in tensors)
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, batches=None):
