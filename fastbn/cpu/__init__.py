@@ -4,8 +4,8 @@ pipeline's stages that launch them (:mod:`~fastbn.cpu.stages`)."""
 
 from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
                      forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
-                     moments_var, parameter_gradients)
+                     moments_var, new_output, parameter_gradients)
 
 __all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
            "forward_coefficients", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
-           "moments_var", "parameter_gradients"]
+           "moments_var", "new_output", "parameter_gradients"]

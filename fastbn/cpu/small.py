@@ -53,15 +53,22 @@ def small_moments(x3, count, mean, m2):
 
 
 @serial_kernel
-def small_apply(x3, center, scale, shift, y3):
-    """y3 = (x3 - center[k]) * scale[k] + shift[k] over (outer, kept, inner) views."""
+def small_apply(x3, residual3, center, scale, shift, floor, y3):
+    """y3 = max((x3 - center[k]) * scale[k] + shift[k] + residual3, floor) over (outer, kept,
+    inner) views; ``residual3`` empty (size 0) for none, ``floor`` -inf or 0 (ReLU)."""
     outer, kept, inner = x3.shape
+    add_residual = residual3.size > 0
     for o in range(outer):
         if inner == 1:
             xr = x3[o, :, 0]
             yr = y3[o, :, 0]
-            for k in range(kept):
-                yr[k] = (xr[k] - center[k]) * scale[k] + shift[k]
+            if add_residual:
+                rr = residual3[o, :, 0]
+                for k in range(kept):
+                    yr[k] = max((xr[k] - center[k]) * scale[k] + shift[k] + rr[k], floor)
+            else:
+                for k in range(kept):
+                    yr[k] = max((xr[k] - center[k]) * scale[k] + shift[k], floor)
         else:
             for k in range(kept):
                 xs = x3[o, k]
@@ -69,60 +76,71 @@ def small_apply(x3, center, scale, shift, y3):
                 m = center[k]
                 a = scale[k]
                 s = shift[k]
-                for i in range(inner):
-                    ys[i] = (xs[i] - m) * a + s
+                if add_residual:
+                    rs = residual3[o, k]
+                    for i in range(inner):
+                        ys[i] = max((xs[i] - m) * a + s + rs[i], floor)
+                else:
+                    for i in range(inner):
+                        ys[i] = max((xs[i] - m) * a + s, floor)
 
 
 @serial_kernel
-def small_backward_sums(dy3, x3, mean, count, sum_dy, sum_dy_xmu):
-    """Per-kept-index count, sum(dy) and sum(dy * (x - mean)), float64 outputs (kept,)."""
+def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
+    """Per-kept-index count, sum(g) and sum(g * (x - mean)), float64 outputs (kept,);
+    ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not empty."""
     outer, kept, inner = x3.shape
+    masked = y3.size > 0
     for k in range(kept):
         count[k] = outer * inner
         sum_dy[k] = 0.0
         sum_dy_xmu[k] = 0.0
     for o in range(outer):
-        if inner == 1:
-            xr = x3[o, :, 0]
-            gr = dy3[o, :, 0]
-            for k in range(kept):
-                g = np.float64(gr[k])
-                sum_dy[k] += g
-                sum_dy_xmu[k] += g * (np.float64(xr[k]) - mean[k])
-        else:
-            for k in range(kept):
-                xs = x3[o, k]
-                gs = dy3[o, k]
-                m = np.float64(mean[k])
-                a = 0.0
-                b = 0.0
+        for k in range(kept):
+            xs = x3[o, k]
+            gs = dy3[o, k]
+            m = np.float64(mean[k])
+            a = 0.0
+            b = 0.0
+            if masked:
+                ms = y3[o, k]
+                for i in range(inner):
+                    g = 0.0 if ms[i] <= 0 else np.float64(gs[i])
+                    a += g
+                    b += g * (np.float64(xs[i]) - m)
+            else:
                 for i in range(inner):
                     g = np.float64(gs[i])
                     a += g
                     b += g * (np.float64(xs[i]) - m)
-                sum_dy[k] += a
-                sum_dy_xmu[k] += b
+            sum_dy[k] += a
+            sum_dy_xmu[k] += b
 
 
 @serial_kernel
-def small_backward_apply(dy3, x3, center, dy_scale, x_scale, shift, dx3):
-    """dx3 = dy3 * dy_scale[k] + (x3 - center[k]) * x_scale[k] + shift[k]."""
+def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3):
+    """dx3 = g * dy_scale[k] + (x3 - center[k]) * x_scale[k] + shift[k]; ``g = dy3``, or
+    0 where ``y3 <= 0`` when ``y3`` is not empty; ``g3``, when not empty, receives ``g``."""
     outer, kept, inner = x3.shape
+    masked = y3.size > 0
+    store_g = g3.size > 0
+    zero = np.zeros(1, dx3.dtype)[0]
     for o in range(outer):
-        if inner == 1:
-            xr = x3[o, :, 0]
-            gr = dy3[o, :, 0]
-            dr = dx3[o, :, 0]
-            for k in range(kept):
-                dr[k] = gr[k] * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
-        else:
-            for k in range(kept):
-                xs = x3[o, k]
-                gs = dy3[o, k]
-                ds = dx3[o, k]
-                m = center[k]
-                a = dy_scale[k]
-                bx = x_scale[k]
-                s = shift[k]
+        for k in range(kept):
+            xs = x3[o, k]
+            gs = dy3[o, k]
+            ds = dx3[o, k]
+            m = center[k]
+            a = dy_scale[k]
+            bx = x_scale[k]
+            s = shift[k]
+            if masked:
+                ms = y3[o, k]
+                for i in range(inner):
+                    g = zero if ms[i] <= 0 else gs[i]
+                    if store_g:
+                        g3[o, k, i] = g
+                    ds[i] = g * a + (xs[i] - m) * bx + s
+            else:
                 for i in range(inner):
                     ds[i] = gs[i] * a + (xs[i] - m) * bx + s
