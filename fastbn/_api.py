@@ -126,7 +126,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     _epilogue.check_activation(activation)
     _epilogue.check_like_x(residual, "residual", x, backend.storage_dtypes)
     epilogue = activation is not None or residual is not None
-    _refuse_device_epilogue(backend, epilogue)
+    if epilogue:
+        _epilogue.refuse_device(backend)
     b = backend.module
     geometry = b.geometry(x, layout)
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
@@ -148,12 +149,6 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         y = b.apply(x, coefficients, geometry, out)
     return y, coefficients.mean, coefficients.invstd
 
-
-def _refuse_device_epilogue(backend, epilogue):
-    """The fused epilogues run on the CPU kernels only, so far."""
-    if epilogue and backend.name != "cpu":
-        raise NotImplementedError("activation, residual: the fused epilogues run on NumPy (CPU) arrays only; "
-                                  f"got {backend.name} arrays")
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
@@ -200,7 +195,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     dtype = _checks.dtype_of(x)
     _checks.check_out(out, "out", x.shape, dtype)
     _epilogue.check_backward_epilogue(activation, y, residual, x, backend.storage_dtypes)
-    _refuse_device_epilogue(backend, activation is not None or residual is True)
+    if activation is not None or residual:
+        _epilogue.refuse_device(backend)
     b = backend.module
     geometry = b.geometry(x, layout)
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)

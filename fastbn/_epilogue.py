@@ -45,3 +45,10 @@ def check_backward_epilogue(activation, y, residual, x, float_dtypes):
     if activation is None and y is not None:
         raise ValueError("y: expected None without an activation (nothing is masked), got an array")
     check_like_x(y, "y", x, float_dtypes)
+
+
+def refuse_device(backend):
+    """The fused epilogues run on the CPU kernels only, so far: a clear error elsewhere."""
+    if backend.name != "cpu":
+        raise NotImplementedError("activation, residual, y: the fused epilogues run on NumPy (CPU) arrays "
+                                  f"only; got {backend.name} arrays")
