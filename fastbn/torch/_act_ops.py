@@ -73,7 +73,10 @@ def batch_norm_act_backward_op(dy: Tensor, x: Tensor, y: Tensor, save_mean: Tens
     except (TypeError, ValueError) as error:
         raise _reraise_as_torch(error) from None
     dx = _like(_as_tensor(grads[0], x.device), x)
-    dresidual = _like(_as_tensor(grads[3], x.device), x).clone() if residual else x.new_empty((0,))
+    dresidual = x.new_empty((0,))
+    if residual:  # without the ReLU it is dy itself, which an operator must not return
+        dresidual = _like(_as_tensor(grads[3], x.device), x)
+        dresidual = dresidual if relu else dresidual.clone()
     return dx, _as_tensor(grads[1], x.device).clone(), _as_tensor(grads[2], x.device).clone(), dresidual
 
 
