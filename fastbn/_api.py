@@ -126,13 +126,14 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     _epilogue.check_activation(activation)
     _epilogue.check_like_x(residual, "residual", x, backend.storage_dtypes)
     epilogue = activation is not None or residual is not None
-    if epilogue:
-        _epilogue.refuse_device(backend)
     b = backend.module
     geometry = b.geometry(x, layout)
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
     fused = getattr(b, "fused_forward", None)  # the stages below in fewer launches (CUDA)
-    if fused is not None and not epilogue:
+    if fused is not None:
+        if epilogue:
+            return fused(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
+                         geometry, out, dtype, residual=residual, activation=activation)
         return fused(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
                      geometry, out, dtype)
     if training:
@@ -186,7 +187,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         ``dbias = sum(dy)``, (C,) in x's dtype (returned even when ``weight`` is None).
     (dx, dweight, dbias, dresidual) when ``residual=True``: ``dresidual = g``, a new
         array like ``x`` with ``activation="relu"``; without an activation it is ``dy``
-        itself (a copy when ``out`` may share memory with ``dy``).
+        itself (so ``out`` must not share memory with ``dy`` then: ValueError).
     """
     backend = select_backend({"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd,
                               "weight": weight, "out": out, "y": y})
@@ -195,16 +196,17 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     dtype = _checks.dtype_of(x)
     _checks.check_out(out, "out", x.shape, dtype)
     _epilogue.check_backward_epilogue(activation, y, residual, x, backend.storage_dtypes)
-    if activation is not None or residual:
-        _epilogue.refuse_device(backend)
+    if residual and activation is None and out is not None and _checks.may_share_memory(out, dy):
+        raise ValueError("out: expected an array not sharing memory with dy when residual=True without an "
+                         "activation (dy itself is returned as the residual's gradient), got one that does")
     b = backend.module
     geometry = b.geometry(x, layout)
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
     if y is not None:
         return _masked_backward(b, dy, x, y, save_mean, save_invstd, weight, bool(training), geometry, out,
                                 dtype, residual)
-    dresidual = dy if out is None or not _checks.may_share_memory(out, dy) else dy.copy()
     fused = getattr(b, "fused_backward", None)  # the stages below in fewer launches (CUDA)
+    dresidual = dy
     if fused is not None:
         grads = fused(dy, x, save_mean, save_invstd, weight, bool(training), geometry, out, dtype)
         return (*grads, dresidual) if residual else grads
@@ -219,8 +221,15 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
 
 
 def _masked_backward(b, dy, x, y, save_mean, save_invstd, weight, training, geometry, out, dtype, residual):
-    """The backward through ``relu(bn(x) (+ residual))``: the mask ``y <= 0`` applied in
-    the sums pass and in the dx pass (which also writes the residual's gradient)."""
+    """The backward through ``relu(bn(x) (+ residual))``: on the CPU the mask ``y <= 0``
+    applied in the sums pass and in the dx pass (which also writes the residual's
+    gradient); on CUDA a mask pass writes ``g`` (the residual's gradient) and the plain
+    backward runs on it, which moves as many bytes as reading dy and y in both passes."""
+    fused = getattr(b, "fused_backward", None)
+    if fused is not None:
+        g = b.relu_mask(dy, y, geometry)
+        grads = fused(g, x, save_mean, save_invstd, weight, training, geometry, out, dtype)
+        return (*grads, g) if residual else grads
     y = b.as_dense(y, geometry)
     sums = b.backward_sums(dy, x, save_mean, geometry, y=y)
     dweight, dbias = b.parameter_gradients(sums, save_invstd, dtype)

@@ -132,7 +132,7 @@ def apply(x, coefficients, *, layout="NCHW", out=None, activation=None, residual
     x : array of rank 2-5 in ``layout``; coefficients : :class:`ForwardCoefficients` for
     x's dtype (:func:`forward_coefficients`); out : optional array like ``x`` (may be ``x``);
     activation : None or "relu"; residual : None or an array like ``x`` (may be ``x``),
-    added before the activation (see :func:`fastbn.batch_norm_forward`; NumPy arrays only).
+    added before the activation (see :func:`fastbn.batch_norm_forward`).
     """
     c = coefficients
     backend = select_backend({"x": x, "coefficients.center": getattr(c, "center", None), "out": out,
@@ -146,7 +146,6 @@ def apply(x, coefficients, *, layout="NCHW", out=None, activation=None, residual
     b = backend.module
     if activation is None and residual is None:
         return b.apply(x, c, b.geometry(x, layout), out)
-    _epilogue.refuse_device(backend)
     return b.apply(x, c, b.geometry(x, layout), out, residual=residual, activation=activation)
 
 
