@@ -91,6 +91,9 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, _, _, residual, training, _, _, relu = inputs
     y, mean, invstd, _, _ = output
     ctx.save_for_backward(x, weight, mean, invstd, y)
+    # Unused outputs (save_mean, save_invstd: nearly always) get None, not zeros that
+    # would cost _stats_vjp several passes over x.
+    ctx.set_materialize_grads(False)
     ctx.training, ctx.relu = training, relu
     ctx.has_weight, ctx.has_bias, ctx.has_residual = weight is not None, bias is not None, residual is not None
 
