@@ -240,7 +240,7 @@ def backward_apply(dy, x, coefficients, geom, out, y=None, masked_dy=None):
     target = views.output_target(out, (dy, x) if y is None else (dy, x, y), geom)
     dyv, xv, dxv = (views.kernel_view(a, geom) for a in (dy, x, target))
     yv = _optional_view(y, xv, geom)
-    gv = _optional_view(masked_dy, xv, geom)
+    gv = _optional_view(masked_dy, dxv, geom)  # an output: its placeholder is writable, like dx
     c = coefficients
     if x.size <= small.SMALL_SIZE:
         shape = geom.view_shape
@@ -252,7 +252,7 @@ def backward_apply(dy, x, coefficients, geom, out, y=None, masked_dy=None):
         extra = [a for a in (yv, gv) if a.size]
         for (gp, xp, dp, *more), expand in plans.row_pieces(dyv, xv, dxv, *extra):
             yp = more[0] if more else xp[:0]
-            mp = more[1] if len(more) > 1 else xp[:0]
+            mp = more[1] if len(more) > 1 else dp[:0]
             rows_backward_apply(gp, xp, yp, expand(c.center), expand(c.dy_scale), expand(c.x_scale),
                                 expand(c.shift), plans.rows_per_chunk(xp.shape[1]), dp, mp)
     return views.finish_output(target, out)
