@@ -97,3 +97,13 @@ def test_out_aliasing_dy_with_the_mask(rng):
     assert dx is work
     np.testing.assert_array_equal(dx, expected[0])
     np.testing.assert_array_equal(dres, expected[3])
+
+
+def test_mask_follows_threshold_backward_on_nan_and_zero(rng):
+    """g = 0 where y <= 0 (so y == 0 masks), and a NaN y keeps dy, as torch's threshold_backward."""
+    x, weight, y, mean, invstd, _ = _forward(rng, "NCHW", np.float32, "separate", True)
+    y = y.copy()
+    y[0, 0, 0, :2] = (np.nan, 0.0)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    _, _, _, dres = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, activation="relu", y=y, residual=True)
+    assert dres[0, 0, 0, 0] == dy[0, 0, 0, 0] and dres[0, 0, 0, 1] == 0

@@ -15,6 +15,7 @@ from numba import prange
 
 from ._jit import inline_helper, parallel_kernel
 from ..algebra import shifted_moments
+from .epilogue import masked
 
 
 @inline_helper
@@ -89,7 +90,8 @@ def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu)
     """
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_sum_dy.shape[0] // num_n
-    masked = y3.size > 0
+    use_mask = y3.size > 0
+    zero = np.zeros(1, dy3.dtype)[0]
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
@@ -97,10 +99,10 @@ def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu)
         m = mean[c]
         s1 = 0.0
         s2 = 0.0
-        if masked:
+        if use_mask:
             ms = y3[n, c, lo:hi]
             for i in range(xs.size):
-                g = 0.0 if ms[i] <= 0 else np.float64(gs[i])
+                g = np.float64(masked(gs[i], ms[i], zero))
                 s1 += g
                 s2 += g * (np.float64(xs[i]) - m)
         else:
@@ -122,7 +124,7 @@ def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, 
     """
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    masked = y3.size > 0
+    use_mask = y3.size > 0
     store_g = g3.size > 0
     zero = np.zeros(1, dx3.dtype)[0]
     for item in prange(num_n * num_c * blocks_per_plane):
@@ -138,13 +140,13 @@ def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, 
             ms = y3[n, c, lo:hi]
             os = g3[n, c, lo:hi]
             for i in range(xs.size):
-                g = zero if ms[i] <= 0 else gs[i]
+                g = masked(gs[i], ms[i], zero)
                 os[i] = g
                 ds[i] = g * a + (xs[i] - m) * bx + s
-        elif masked:
+        elif use_mask:
             ms = y3[n, c, lo:hi]
             for i in range(xs.size):
-                g = zero if ms[i] <= 0 else gs[i]
+                g = masked(gs[i], ms[i], zero)
                 ds[i] = g * a + (xs[i] - m) * bx + s
         else:
             for i in range(xs.size):

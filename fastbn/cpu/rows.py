@@ -23,6 +23,7 @@ from numba import prange
 
 from ._jit import parallel_kernel
 from ..algebra import shifted_moments
+from .epilogue import masked
 
 
 @parallel_kernel
@@ -115,7 +116,8 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
     num_rows, width = x2.shape
     x1 = x2.reshape(num_rows * width)
     g1 = dy2.reshape(num_rows * width)
-    masked = y2.size > 0
+    use_mask = y2.size > 0
+    zero = np.zeros(1, dy2.dtype)[0]
     m1 = y2.reshape(y2.size)
     num_chunks = part_sum_dy.shape[0]
     num_blocks = (width + cols_per_block - 1) // cols_per_block
@@ -129,14 +131,14 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
         m = col_mean[c0:c0 + cols]
         s1 = np.zeros(cols)
         s2 = np.zeros(cols)
-        if masked:
+        if use_mask:
             for r in range(rows):
                 start = (r0 + r) * width + c0
                 xa = x1[start:start + cols]
                 ga = g1[start:start + cols]
                 ya = m1[start:start + cols]
                 for c in range(cols):
-                    a = 0.0 if ya[c] <= 0 else np.float64(ga[c])
+                    a = np.float64(masked(ga[c], ya[c], zero))
                     s1[c] += a
                     s2[c] += a * (np.float64(xa[c]) - m[c])
         else:
@@ -179,7 +181,7 @@ def rows_backward_apply(dy2, x2, y2, center, dy_scale, x_scale, shift, rows_per_
     empty, receives ``g`` (the residual's gradient).
     """
     num_rows = x2.shape[0]
-    masked = y2.size > 0
+    use_mask = y2.size > 0
     store_g = g2.size > 0
     zero = np.zeros(1, dx2.dtype)[0]
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
@@ -195,13 +197,13 @@ def rows_backward_apply(dy2, x2, y2, center, dy_scale, x_scale, shift, rows_per_
                 yr = y2[r0 + r]
                 orow = g2[r0 + r]
                 for c in range(xr.size):
-                    g = zero if yr[c] <= 0 else gr[c]
+                    g = masked(gr[c], yr[c], zero)
                     orow[c] = g
                     dr[c] = g * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
-            elif masked:
+            elif use_mask:
                 yr = y2[r0 + r]
                 for c in range(xr.size):
-                    g = zero if yr[c] <= 0 else gr[c]
+                    g = masked(gr[c], yr[c], zero)
                     dr[c] = g * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
             else:
                 for c in range(xr.size):

@@ -12,6 +12,7 @@ Every kernel takes the C-contiguous ``(outer, kept, inner)`` view of
 import numpy as np
 
 from ..algebra import shifted_moments
+from .epilogue import masked
 from ._jit import serial_kernel
 
 #: Tensors with at most this many values run serially.
@@ -90,7 +91,8 @@ def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
     """Per-kept-index count, sum(g) and sum(g * (x - mean)), float64 outputs (kept,);
     ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not empty."""
     outer, kept, inner = x3.shape
-    masked = y3.size > 0
+    use_mask = y3.size > 0
+    zero = np.zeros(1, dy3.dtype)[0]
     for k in range(kept):
         count[k] = outer * inner
         sum_dy[k] = 0.0
@@ -102,10 +104,10 @@ def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
             m = np.float64(mean[k])
             a = 0.0
             b = 0.0
-            if masked:
+            if use_mask:
                 ms = y3[o, k]
                 for i in range(inner):
-                    g = 0.0 if ms[i] <= 0 else np.float64(gs[i])
+                    g = np.float64(masked(gs[i], ms[i], zero))
                     a += g
                     b += g * (np.float64(xs[i]) - m)
             else:
@@ -122,7 +124,7 @@ def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3)
     """dx3 = g * dy_scale[k] + (x3 - center[k]) * x_scale[k] + shift[k]; ``g = dy3``, or
     0 where ``y3 <= 0`` when ``y3`` is not empty; ``g3``, when not empty, receives ``g``."""
     outer, kept, inner = x3.shape
-    masked = y3.size > 0
+    use_mask = y3.size > 0
     store_g = g3.size > 0
     zero = np.zeros(1, dx3.dtype)[0]
     for o in range(outer):
@@ -134,10 +136,10 @@ def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3)
             a = dy_scale[k]
             bx = x_scale[k]
             s = shift[k]
-            if masked:
+            if use_mask:
                 ms = y3[o, k]
                 for i in range(inner):
-                    g = zero if ms[i] <= 0 else gs[i]
+                    g = masked(gs[i], ms[i], zero)
                     if store_g:
                         g3[o, k, i] = g
                     ds[i] = g * a + (xs[i] - m) * bx + s
