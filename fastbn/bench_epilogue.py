@@ -14,20 +14,36 @@ Tables (CPU, float32):
    (the step with every batch norm swapped for ``Identity``, subtracted).
 4. ``fastbn.torch.fold`` accuracy: max |folded - eval| / max |eval| on that stack.
 
-Times are the best of ``--repeat`` runs (:func:`fastbn._timing.best_time`).
+Times are the best of ``--repeat`` rounds; in each round every variant of a table runs
+once, in turn (interleaved), so a load that comes and goes on a shared machine hits them
+alike.
 """
 
 import argparse
 import copy
+import time
 
 import numpy as np
 
 import fastbn
 
-from ._timing import best_time
 from .bench import set_threads
 
 SHAPE = (32, 64, 56, 56)
+
+
+def interleaved_best(cases, repeat):
+    """{name: best seconds} of ``cases`` ({name: fn}), timed in turn ``repeat`` times
+    after one untimed call each (compilation, page faults)."""
+    for fn in cases.values():
+        fn()
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 TORCH_SHAPES = ((32, 256, 14, 14), (32, 64, 56, 56))
 
 
@@ -73,7 +89,8 @@ def fastbn_rows(layout, repeat):
              ("backward BN", bwd()), ("backward BN+ReLU fused", bwd(activation="relu", y=y_relu)),
              ("backward BN+add+ReLU fused", bwd(activation="relu", y=y_relu, residual=True)),
              ("backward ReLU pass, then BN", bwd_unfused)]
-    return [(name, best_time(fn, repeat=repeat)) for name, fn in cases]
+    best = interleaved_best(dict(cases), repeat)
+    return [(name, best[name]) for name, _ in cases]
 
 
 def torch_rows(repeat):
@@ -97,7 +114,8 @@ def torch_rows(repeat):
                 fused(x, r).backward(dy)
 
             name = "channels_last" if fmt is torch.channels_last else "NCHW"
-            rows.append((shape, name, best_time(eager_step, repeat=repeat), best_time(fused_step, repeat=repeat)))
+            best = interleaved_best({"eager": eager_step, "fused": fused_step}, repeat)
+            rows.append((shape, name, best["eager"], best["fused"]))
     return rows
 
 
@@ -146,8 +164,8 @@ def resnet_rows(repeat, batch=32, size=56):
             m(x).sum().backward()
         return run
 
-    return {name: best_time(step(m), repeat=repeat) for name, m in
-            (("native", model), ("fastbn fused", fused), ("no batch norm", bare))}
+    return interleaved_best({name: step(m) for name, m in
+                             (("native", model), ("fastbn fused", fused), ("no batch norm", bare))}, repeat)
 
 
 def fold_error(batch=8, size=28):
@@ -181,7 +199,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     repeat = 3 if args.quick else args.repeat
     if not args.no_torch:
-        import torch  # noqa: F401  (loaded first, so set_threads sets its threads too)
+        import torch
+        torch.set_num_threads(args.threads)
     set_threads(args.threads)
     print(f"threads: {args.threads}; float32; best of {repeat}")
     for layout in ("NCHW", "NHWC"):
