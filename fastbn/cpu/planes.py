@@ -60,11 +60,11 @@ def planes_apply(x3, residual3, center, scale, shift, floor, block, y3):
 
     Vectors (C,) and ``floor`` in x3's dtype; ``floor`` is -inf (no activation) or 0
     (ReLU), so the epilogue costs one max per value and NaN stays NaN.  ``residual3`` is
-    like x3, or empty (size 0) for no residual.
+    like x3, or None for no residual (a compile-time choice: None compiles its own
+    specialization, without the residual's loop).
     """
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    add_residual = residual3.size > 0
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
@@ -72,7 +72,7 @@ def planes_apply(x3, residual3, center, scale, shift, floor, block, y3):
         m = center[c]
         a = scale[c]
         s = shift[c]
-        if add_residual:
+        if residual3 is not None:
             rs = residual3[n, c, lo:hi]
             for i in range(xs.size):
                 ys[i] = max((xs[i] - m) * a + s + rs[i], floor)
@@ -86,11 +86,10 @@ def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu)
     """Per-item sum(g) and sum(g * (x - mean[c])) in float64; outputs (N * blocks_per_plane, C).
 
     ``g = dy3``, or with the ReLU mask ``g = 0 where y3 <= 0 else dy3`` when ``y3`` (the
-    forward's output, like x3) is not empty.
+    forward's output, like x3) is not None (None compiles without the mask).
     """
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_sum_dy.shape[0] // num_n
-    use_mask = y3.size > 0
     zero = np.zeros(1, dy3.dtype)[0]
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
@@ -99,7 +98,7 @@ def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu)
         m = mean[c]
         s1 = 0.0
         s2 = 0.0
-        if use_mask:
+        if y3 is not None:
             ms = y3[n, c, lo:hi]
             for i in range(xs.size):
                 g = np.float64(masked(gs[i], ms[i], zero))
@@ -118,14 +117,12 @@ def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu)
 def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, dx3, g3):
     """dx3 = g * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype.
 
-    ``g = dy3``, or masked by ``y3 <= 0`` when ``y3`` is not empty (see
-    :func:`planes_backward_sums`); ``g3``, when not empty, receives ``g`` (the residual's
-    gradient).
+    ``g = dy3``, or masked by ``y3 <= 0`` when ``y3`` is not None (see
+    :func:`planes_backward_sums`); ``g3``, when not None (only with ``y3``), receives
+    ``g`` (the residual's gradient).
     """
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    use_mask = y3.size > 0
-    store_g = g3.size > 0
     zero = np.zeros(1, dx3.dtype)[0]
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
@@ -136,14 +133,14 @@ def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, 
         a = dy_scale[c]
         bx = x_scale[c]
         s = shift[c]
-        if store_g:
+        if g3 is not None:
             ms = y3[n, c, lo:hi]
             os = g3[n, c, lo:hi]
             for i in range(xs.size):
                 g = masked(gs[i], ms[i], zero)
                 os[i] = g
                 ds[i] = g * a + (xs[i] - m) * bx + s
-        elif use_mask:
+        elif y3 is not None:
             ms = y3[n, c, lo:hi]
             for i in range(xs.size):
                 g = masked(gs[i], ms[i], zero)

@@ -84,10 +84,9 @@ def rows_apply(x2, residual2, center, scale, shift, floor, rows_per_chunk, y2):
     """y2 = max((x2 - center) * scale + shift + residual2, floor), row by row, for x2, y2 (M, W).
 
     Vectors (W,) and ``floor`` (-inf or 0: no activation or ReLU) in x2's dtype;
-    ``residual2`` like x2, or empty (size 0) for no residual.
+    ``residual2`` like x2, or None for no residual (compiled without its loop).
     """
     num_rows = x2.shape[0]
-    add_residual = residual2.size > 0
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
         r0 = i * rows_per_chunk
         xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
@@ -95,7 +94,7 @@ def rows_apply(x2, residual2, center, scale, shift, floor, rows_per_chunk, y2):
         for r in range(xs.shape[0]):
             xr = xs[r]
             yr = ys[r]
-            if add_residual:
+            if residual2 is not None:
                 rr = residual2[r0 + r]
                 for c in range(xr.size):
                     yr[c] = max((xr[c] - center[c]) * scale[c] + shift[c] + rr[c], floor)
@@ -111,14 +110,12 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
 
     ``col_mean`` (W,) float64 is each column's channel mean.  ``g = dy2``, or with the
     ReLU mask ``g = 0 where y2 <= 0 else dy2`` when ``y2`` (the forward's output, like
-    x2) is not empty.
+    x2) is not None (None compiles without the mask).
     """
     num_rows, width = x2.shape
     x1 = x2.reshape(num_rows * width)
     g1 = dy2.reshape(num_rows * width)
-    use_mask = y2.size > 0
     zero = np.zeros(1, dy2.dtype)[0]
-    m1 = y2.reshape(y2.size)
     num_chunks = part_sum_dy.shape[0]
     num_blocks = (width + cols_per_block - 1) // cols_per_block
     for item in prange(num_chunks * num_blocks):
@@ -131,12 +128,12 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
         m = col_mean[c0:c0 + cols]
         s1 = np.zeros(cols)
         s2 = np.zeros(cols)
-        if use_mask:
+        if y2 is not None:
             for r in range(rows):
                 start = (r0 + r) * width + c0
                 xa = x1[start:start + cols]
                 ga = g1[start:start + cols]
-                ya = m1[start:start + cols]
+                ya = y2[r0 + r, c0:c0 + cols]
                 for c in range(cols):
                     a = np.float64(masked(ga[c], ya[c], zero))
                     s1[c] += a
@@ -177,12 +174,10 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
 def rows_backward_apply(dy2, x2, y2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2, g2):
     """dx2 = g * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in x2's dtype.
 
-    ``g = dy2``, or masked by ``y2 <= 0`` when ``y2`` is not empty; ``g2``, when not
-    empty, receives ``g`` (the residual's gradient).
+    ``g = dy2``, or masked by ``y2 <= 0`` when ``y2`` is not None; ``g2``, when not
+    None (only with ``y2``), receives ``g`` (the residual's gradient).
     """
     num_rows = x2.shape[0]
-    use_mask = y2.size > 0
-    store_g = g2.size > 0
     zero = np.zeros(1, dx2.dtype)[0]
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
         r0 = i * rows_per_chunk
@@ -193,14 +188,14 @@ def rows_backward_apply(dy2, x2, y2, center, dy_scale, x_scale, shift, rows_per_
             xr = xs[r]
             gr = gs[r]
             dr = ds[r]
-            if store_g:
+            if g2 is not None:
                 yr = y2[r0 + r]
                 orow = g2[r0 + r]
                 for c in range(xr.size):
                     g = masked(gr[c], yr[c], zero)
                     orow[c] = g
                     dr[c] = g * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
-            elif use_mask:
+            elif y2 is not None:
                 yr = y2[r0 + r]
                 for c in range(xr.size):
                     g = masked(gr[c], yr[c], zero)

@@ -56,14 +56,13 @@ def small_moments(x3, count, mean, m2):
 @serial_kernel
 def small_apply(x3, residual3, center, scale, shift, floor, y3):
     """y3 = max((x3 - center[k]) * scale[k] + shift[k] + residual3, floor) over (outer, kept,
-    inner) views; ``residual3`` empty (size 0) for none, ``floor`` -inf or 0 (ReLU)."""
+    inner) views; ``residual3`` None for none (compiled without it), ``floor`` -inf or 0 (ReLU)."""
     outer, kept, inner = x3.shape
-    add_residual = residual3.size > 0
     for o in range(outer):
         if inner == 1:
             xr = x3[o, :, 0]
             yr = y3[o, :, 0]
-            if add_residual:
+            if residual3 is not None:
                 rr = residual3[o, :, 0]
                 for k in range(kept):
                     yr[k] = max((xr[k] - center[k]) * scale[k] + shift[k] + rr[k], floor)
@@ -77,7 +76,7 @@ def small_apply(x3, residual3, center, scale, shift, floor, y3):
                 m = center[k]
                 a = scale[k]
                 s = shift[k]
-                if add_residual:
+                if residual3 is not None:
                     rs = residual3[o, k]
                     for i in range(inner):
                         ys[i] = max((xs[i] - m) * a + s + rs[i], floor)
@@ -89,9 +88,8 @@ def small_apply(x3, residual3, center, scale, shift, floor, y3):
 @serial_kernel
 def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
     """Per-kept-index count, sum(g) and sum(g * (x - mean)), float64 outputs (kept,);
-    ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not empty."""
+    ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not None."""
     outer, kept, inner = x3.shape
-    use_mask = y3.size > 0
     zero = np.zeros(1, dy3.dtype)[0]
     for k in range(kept):
         count[k] = outer * inner
@@ -104,7 +102,7 @@ def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
             m = np.float64(mean[k])
             a = 0.0
             b = 0.0
-            if use_mask:
+            if y3 is not None:
                 ms = y3[o, k]
                 for i in range(inner):
                     g = np.float64(masked(gs[i], ms[i], zero))
@@ -122,10 +120,9 @@ def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
 @serial_kernel
 def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3):
     """dx3 = g * dy_scale[k] + (x3 - center[k]) * x_scale[k] + shift[k]; ``g = dy3``, or
-    0 where ``y3 <= 0`` when ``y3`` is not empty; ``g3``, when not empty, receives ``g``."""
+    0 where ``y3 <= 0`` when ``y3`` is not None; ``g3``, when not None (only with ``y3``),
+    receives ``g``."""
     outer, kept, inner = x3.shape
-    use_mask = y3.size > 0
-    store_g = g3.size > 0
     zero = np.zeros(1, dx3.dtype)[0]
     for o in range(outer):
         for k in range(kept):
@@ -136,12 +133,17 @@ def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3)
             a = dy_scale[k]
             bx = x_scale[k]
             s = shift[k]
-            if use_mask:
+            if g3 is not None:
+                ms = y3[o, k]
+                os = g3[o, k]
+                for i in range(inner):
+                    g = masked(gs[i], ms[i], zero)
+                    os[i] = g
+                    ds[i] = g * a + (xs[i] - m) * bx + s
+            elif y3 is not None:
                 ms = y3[o, k]
                 for i in range(inner):
                     g = masked(gs[i], ms[i], zero)
-                    if store_g:
-                        g3[o, k, i] = g
                     ds[i] = g * a + (xs[i] - m) * bx + s
             else:
                 for i in range(inner):

@@ -147,20 +147,29 @@ def apply(x, coefficients, geom, out, residual=None, activation=None):
     inputs = (x,) if residual is None else (x, residual)
     target = views.output_target(out, inputs, geom)
     xv = views.kernel_view(x, geom)
-    rv = _optional_view(residual, xv, geom)
+    rv = _optional_view(residual, geom)
     _apply_kernel(xv, rv, views.kernel_view(target, geom), geom, coefficients.center, coefficients.scale,
                   coefficients.shift, epilogue_floor(activation, coefficients.scale.dtype))
     return views.finish_output(target, out)
 
 
-def _optional_view(a, like, geom):
-    """The kernel view of optional array ``a``, or an empty slice of view ``like``."""
-    return like[:0] if a is None else views.kernel_view(a, geom)
+def _optional_view(a, geom):
+    """The kernel view of optional array ``a`` (None stays None: the kernels compile a
+    specialization without its loop, so plain calls compile no epilogue code)."""
+    return None if a is None else views.kernel_view(a, geom)
 
 
 def _small(v, shape):
-    """Kernel view ``v`` as the small kernels' 3-D view (an empty one stays empty)."""
-    return v.reshape(shape) if v.size else v.reshape(0, 0, 0)
+    """Optional kernel view ``v`` as the small kernels' 3-D view."""
+    return None if v is None else v.reshape(shape)
+
+
+def _row_pieces(*arrays):
+    """:func:`plans.row_pieces` of the given views, None ones passed through as None."""
+    given = [a for a in arrays if a is not None]
+    for views_, expand in plans.row_pieces(*given):
+        pieces = iter(views_)
+        yield tuple(None if a is None else next(pieces) for a in arrays), expand
 
 
 def _apply_kernel(xv, rv, yv, geom, center, scale, shift, floor):
@@ -170,8 +179,8 @@ def _apply_kernel(xv, rv, yv, geom, center, scale, shift, floor):
     elif geom.family == PLANES:
         planes_apply(xv, rv, center, scale, shift, floor, plans.PLANE_BLOCK, yv)
     else:
-        for (xp, yp, *rp), expand in plans.row_pieces(xv, yv, *([rv] if rv.size else [])):
-            rows_apply(xp, rp[0] if rp else xp[:0], expand(center), expand(scale), expand(shift), floor,
+        for (xp, yp, rp), expand in _row_pieces(xv, yv, rv):
+            rows_apply(xp, rp, expand(center), expand(scale), expand(shift), floor,
                        plans.rows_per_chunk(xp.shape[1]), yp)
 
 
@@ -185,13 +194,12 @@ def backward_sums(dy, x, mean, geom, y=None):
     num_channels = geom.kept
     if x.size <= small.SMALL_SIZE:
         result = BackwardSums(np.empty(num_channels), np.empty(num_channels), np.empty(num_channels))
-        xb = views.block_view(x, geom)
-        yb = xb[:0] if y is None else views.block_view(y, geom)
-        small.small_backward_sums(views.block_view(dy, geom), xb, yb, mean, *result)
+        yb = None if y is None else views.block_view(y, geom)
+        small.small_backward_sums(views.block_view(dy, geom), views.block_view(x, geom), yb, mean, *result)
         return result
     xv = views.kernel_view(x, geom)
     dyv = views.kernel_view(dy, geom)
-    yv = _optional_view(y, xv, geom)
+    yv = _optional_view(y, geom)
     mean = np.asarray(mean, dtype=np.float64)
     count = np.full(num_channels, float(geom.count))
     if not plans.reduces_as_rows(xv, geom.family):
@@ -200,13 +208,13 @@ def backward_sums(dy, x, mean, geom, y=None):
         planes_backward_sums(dyv, xv, yv, mean, plans.PLANE_BLOCK, part_dy, part_dy_xmu)
         return BackwardSums(count, part_dy.sum(axis=0), part_dy_xmu.sum(axis=0))
     sum_dy, sum_dy_xmu = np.zeros(num_channels), np.zeros(num_channels)
-    for (gp, xp, *yp), expand in plans.row_pieces(dyv, xv, *([yv] if y is not None else [])):
+    for (gp, xp, yp), expand in _row_pieces(dyv, xv, yv):
         chan = expand(np.arange(num_channels))
         rows_per_chunk, cols_per_block = plans.row_tiles(xp.shape[1], chan)
         num_chunks = -(-xp.shape[0] // rows_per_chunk)
         part_dy = np.empty((num_chunks, num_channels))
         part_dy_xmu = np.empty_like(part_dy)
-        rows_backward_sums(gp, xp, yp[0] if yp else xp[:0], chan, expand(mean), rows_per_chunk, cols_per_block,
+        rows_backward_sums(gp, xp, yp, chan, expand(mean), rows_per_chunk, cols_per_block,
                            part_dy, part_dy_xmu)
         sum_dy += part_dy.sum(axis=0)
         sum_dy_xmu += part_dy_xmu.sum(axis=0)
@@ -239,8 +247,8 @@ def backward_apply(dy, x, coefficients, geom, out, y=None, masked_dy=None):
     """
     target = views.output_target(out, (dy, x) if y is None else (dy, x, y), geom)
     dyv, xv, dxv = (views.kernel_view(a, geom) for a in (dy, x, target))
-    yv = _optional_view(y, xv, geom)
-    gv = _optional_view(masked_dy, dxv, geom)  # an output: its placeholder is writable, like dx
+    yv = _optional_view(y, geom)
+    gv = _optional_view(masked_dy, geom)
     c = coefficients
     if x.size <= small.SMALL_SIZE:
         shape = geom.view_shape
@@ -249,10 +257,7 @@ def backward_apply(dy, x, coefficients, geom, out, y=None, masked_dy=None):
     elif geom.family == PLANES:
         planes_backward_apply(dyv, xv, yv, c.center, c.dy_scale, c.x_scale, c.shift, plans.PLANE_BLOCK, dxv, gv)
     else:
-        extra = [a for a in (yv, gv) if a.size]
-        for (gp, xp, dp, *more), expand in plans.row_pieces(dyv, xv, dxv, *extra):
-            yp = more[0] if more else xp[:0]
-            mp = more[1] if len(more) > 1 else dp[:0]
+        for (gp, xp, dp, yp, mp), expand in _row_pieces(dyv, xv, dxv, yv, gv):
             rows_backward_apply(gp, xp, yp, expand(c.center), expand(c.dy_scale), expand(c.x_scale),
                                 expand(c.shift), plans.rows_per_chunk(xp.shape[1]), dp, mp)
     return views.finish_output(target, out)
@@ -264,6 +269,6 @@ def backward_scale(dy, coefficients, geom, out):
     target = views.output_target(out, (dy,), geom)
     c = coefficients
     dyv = views.kernel_view(dy, geom)
-    _apply_kernel(dyv, dyv[:0], views.kernel_view(target, geom), geom, c.center, c.dy_scale, c.shift,
+    _apply_kernel(dyv, None, views.kernel_view(target, geom), geom, c.center, c.dy_scale, c.shift,
                   epilogue_floor(None, c.dy_scale.dtype))
     return views.finish_output(target, out)
