@@ -116,6 +116,7 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
     x1 = x2.reshape(num_rows * width)
     g1 = dy2.reshape(num_rows * width)
     zero = np.zeros(1, dy2.dtype)[0]
+    y1 = x1 if y2 is None else y2.reshape(num_rows * width)  # x1: a placeholder, never read
     num_chunks = part_sum_dy.shape[0]
     num_blocks = (width + cols_per_block - 1) // cols_per_block
     for item in prange(num_chunks * num_blocks):
@@ -129,11 +130,26 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
         s1 = np.zeros(cols)
         s2 = np.zeros(cols)
         if y2 is not None:
-            for r in range(rows):
+            r = 0
+            while r + 1 < rows:
+                start = (r0 + r) * width + c0
+                xa = x1[start:start + cols]
+                xb = x1[start + width:start + width + cols]
+                ga = g1[start:start + cols]
+                gb = g1[start + width:start + width + cols]
+                ya = y1[start:start + cols]
+                yb = y1[start + width:start + width + cols]
+                for c in range(cols):
+                    a = np.float64(masked(ga[c], ya[c], zero))
+                    b = np.float64(masked(gb[c], yb[c], zero))
+                    s1[c] += a + b
+                    s2[c] += a * (np.float64(xa[c]) - m[c]) + b * (np.float64(xb[c]) - m[c])
+                r += 2
+            if r < rows:
                 start = (r0 + r) * width + c0
                 xa = x1[start:start + cols]
                 ga = g1[start:start + cols]
-                ya = y2[r0 + r, c0:c0 + cols]
+                ya = y1[start:start + cols]
                 for c in range(cols):
                     a = np.float64(masked(ga[c], ya[c], zero))
                     s1[c] += a
