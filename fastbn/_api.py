@@ -34,7 +34,7 @@ Contract shared by every public function (see also each docstring):
 
 import numpy as np
 
-from . import _checks, dtypes
+from . import _checks, _epilogue, dtypes
 from ._dispatch import select_backend
 
 
@@ -92,8 +92,11 @@ def batch_stats(x, *, layout="NCHW"):
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
-    """Batch-norm forward pass: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+                       training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None,
+                       activation=None, residual=None):
+    """Batch-norm forward pass: ``y = (x - mean) / sqrt(var + eps) * weight + bias``,
+    optionally followed by a fused residual add and ReLU:
+    ``y = relu((x - mean) / sqrt(var + eps) * weight + bias + residual)``.
 
     Argument order: ``x, weight, bias`` are positional, in the order of ATen's
     ``native_batch_norm``; ``running_mean``, ``running_var`` and everything after them
@@ -128,6 +131,12 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         write ``y`` into.  It may be ``x`` itself (in place); one that overlaps ``x``
         only partly is handled through a temporary.  Self-overlapping (stride-0) and
         read-only ``out`` are ValueErrors.
+    activation : None or ``"relu"`` (keyword-only): applied to ``bn(x) + residual``
+        inside the normalize pass (no extra pass over memory).  For the backward pass,
+        keep ``y``: its ReLU mask is ``y > 0``.
+    residual : None or an array of x's shape and dtype (keyword-only, any strides; it
+        may be ``x`` itself or ``out``), added to ``bn(x)`` before the activation, in
+        the same pass.
 
     Returns
     -------
@@ -138,12 +147,15 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         sees the mean unrounded.
     """
     backend = select_backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
-                              "running_var": running_var, "out": out})
+                              "running_var": running_var, "out": out, "residual": residual})
     num_channels = _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum,
                                               eps, layout, backend.storage_dtypes, _param_dtype(x),
                                               _allows_empty(backend))
     dtype = _checks.dtype_of(x)
     _checks.check_out(out, "out", x.shape, dtype)
+    _epilogue.check_activation(activation)
+    _epilogue.check_like_x(residual, "residual", x, backend.storage_dtypes)
+    epilogue = activation is not None or residual is not None
     b = backend.module
     if _checks.is_empty(x.shape):
         return _empty_batch_forward(b, x, num_channels, weight, bias, running_mean, running_var, training, eps,
@@ -152,10 +164,12 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
     # The stages below in fewer launches (CUDA) or one call (small CPU tensors); None: not here.
     fused = getattr(b, "fused_forward", None)
-    result = fused and fused(x, weight, bias, running_mean, running_var, bool(training), float(momentum),
-                             float(eps), geometry, out, dtype)
-    if result is not None:
-        return result
+    if fused is not None:
+        epilogue_args = dict(residual=residual, activation=activation) if epilogue else {}
+        result = fused(x, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
+                       geometry, out, dtype, **epilogue_args)
+        if result is not None:
+            return result
     if training:
         m = b.moments(x, geometry)
         coefficients = b.forward_coefficients(
@@ -164,13 +178,18 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     else:
         coefficients = b.forward_coefficients(
             None, running_mean, running_var, False, weight, bias, float(eps), None, None, 0.0, False, dtype)
-    y = b.apply(x, coefficients, geometry, out)
+    if epilogue:
+        y = b.apply(x, coefficients, geometry, out, residual=residual, activation=activation)
+    else:
+        y = b.apply(x, coefficients, geometry, out)
     return y, coefficients.mean, coefficients.invstd
 
 
+
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
-                        training=True, layout="NCHW", out=None):
-    """Batch-norm backward pass: gradients with respect to x, weight and bias.
+                        training=True, layout="NCHW", out=None, activation=None, y=None, residual=False):
+    """Batch-norm backward pass: gradients with respect to x, weight and bias (and the
+    residual, for a forward that added one).
 
     Parameters
     ----------
@@ -187,29 +206,50 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     layout : "NCHW" or "NHWC".
     out : optional writable array shaped and typed like ``x`` to write ``dx`` into; it
         may be ``dy`` or ``x`` itself, partial overlaps go through a temporary.
+    activation : None or ``"relu"`` (keyword-only), as in the forward call.  With
+        ``"relu"``, ``dy`` is the gradient of the activation's output and is masked,
+        inside both backward passes, to ``g = 0 where y <= 0 else dy`` (PyTorch's
+        ``threshold_backward``); every formula below then reads ``g`` for ``dy``.
+    y : the forward's output (x's shape and dtype; keyword-only), required with
+        ``activation="relu"`` (its mask), None otherwise.
+    residual : bool (keyword-only): the forward added a residual; its gradient ``g`` is
+        then returned too.
 
     Returns
     -------
     (dx, dweight, dbias) : ``dx`` like ``x``; ``dweight = sum(dy * x_hat)`` and
         ``dbias = sum(dy)``, (C,) in x's dtype (returned even when ``weight`` is None).
+    (dx, dweight, dbias, dresidual) when ``residual=True``: ``dresidual = g``, a new
+        array like ``x`` with ``activation="relu"``; without an activation it is ``dy``
+        itself (so ``out`` must not share memory with ``dy`` then: ValueError).
     """
     backend = select_backend({"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd,
-                              "weight": weight, "out": out})
+                              "weight": weight, "out": out, "y": y})
     num_channels = _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
                                                backend.storage_dtypes, _param_dtype(x),
                                                backend.statistics_dtypes, _allows_empty(backend))
     dtype = _checks.dtype_of(x)
     _checks.check_out(out, "out", x.shape, dtype)
+    _epilogue.check_backward_epilogue(activation, y, residual, x, backend.storage_dtypes)
+    if residual and activation is None and out is not None and _checks.may_share_memory(out, dy):
+        raise ValueError("out: expected an array not sharing memory with dy when residual=True without an "
+                         "activation (dy itself is returned as the residual's gradient), got one that does")
     if _checks.is_empty(x.shape):  # sums over no values
         dx = np.empty(x.shape, dtype) if out is None else out
-        return dx, np.zeros(num_channels, dtype), np.zeros(num_channels, dtype)
+        grads = (dx, np.zeros(num_channels, dtype), np.zeros(num_channels, dtype))
+        return (*grads, np.empty(x.shape, dtype) if activation else dy) if residual else grads
     b = backend.module
     geometry = b.geometry(x, layout)
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
+    if y is not None:
+        return _masked_backward(b, dy, x, y, save_mean, save_invstd, weight, bool(training), geometry, out,
+                                dtype, residual)
     fused = getattr(b, "fused_backward", None)  # as in batch_norm_forward
-    result = fused and fused(dy, x, save_mean, save_invstd, weight, bool(training), geometry, out, dtype)
-    if result is not None:
-        return result
+    dresidual = dy
+    if fused is not None:
+        grads = fused(dy, x, save_mean, save_invstd, weight, bool(training), geometry, out, dtype)
+        if grads is not None:
+            return (*grads, dresidual) if residual else grads
     sums = b.backward_sums(dy, x, save_mean, geometry)
     dweight, dbias = b.parameter_gradients(sums, save_invstd, dtype)
     coefficients = b.backward_coefficients(sums, save_mean, save_invstd, weight, bool(training), dtype)
@@ -217,7 +257,28 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         dx = b.backward_apply(dy, x, coefficients, geometry, out)
     else:
         dx = b.backward_scale(dy, coefficients, geometry, out)
-    return dx, dweight, dbias
+    return (dx, dweight, dbias, dresidual) if residual else (dx, dweight, dbias)
+
+
+def _masked_backward(b, dy, x, y, save_mean, save_invstd, weight, training, geometry, out, dtype, residual):
+    """The backward through ``relu(bn(x) (+ residual))``: on the CPU the mask ``y <= 0``
+    applied in the sums pass and in the dx pass (which also writes the residual's
+    gradient); on CUDA a mask pass writes ``g`` (the residual's gradient) and the plain
+    backward runs on it, which moves as many bytes as reading dy and y in both passes."""
+    relu_mask = getattr(b, "relu_mask", None)
+    if relu_mask is not None:
+        fused = b.fused_backward
+        g = relu_mask(dy, y, geometry)
+        grads = fused(g, x, save_mean, save_invstd, weight, training, geometry, out, dtype)
+        return (*grads, g) if residual else grads
+    y = b.as_dense(y, geometry)
+    sums = b.backward_sums(dy, x, save_mean, geometry, y=y)
+    dweight, dbias = b.parameter_gradients(sums, save_invstd, dtype)
+    coefficients = b.backward_coefficients(sums, save_mean, save_invstd, weight, training, dtype)
+    dresidual = b.new_output(geometry, dtype) if residual else None
+    # Eval has x_scale = shift = 0: the same pass, reading x for nothing, keeps one kernel.
+    dx = b.backward_apply(dy, x, coefficients, geometry, out, y=y, masked_dy=dresidual)
+    return (dx, dweight, dbias, dresidual) if residual else (dx, dweight, dbias)
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,

@@ -9,7 +9,7 @@ inputs (to validate the CUDA float16 path) and parameters of any float dtype.
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _epilogue
 from .stats import Moments
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -68,8 +68,12 @@ def batch_stats(x, *, layout="NCHW"):
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None):
+                       training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None,
+                       activation=None, residual=None):
     """Reference batch-norm forward; see :func:`fastbn.batch_norm_forward`.
+
+    ``activation`` (None or "relu") and ``residual`` are the unfused ops in float64:
+    ``relu(bn(x) + residual)``.
 
     Same argument order as :func:`fastbn.batch_norm_forward`: ``x, weight, bias``
     positional (ATen ``native_batch_norm``'s order), running statistics and everything
@@ -82,6 +86,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                layout, FLOAT_DTYPES, FLOAT_DTYPES, allow_empty=True)
     _checks.check_out(out, "out", x.shape, x.dtype)
+    _epilogue.check_activation(activation)
+    _epilogue.check_like_x(residual, "residual", x, FLOAT_DTYPES)
     x64 = np.asarray(x, dtype=np.float64)
     if training:
         mean, var = _stats64(x64, layout)
@@ -97,22 +103,32 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     shift = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
     y = (x64 - _per_channel(mean, x.ndim, layout)) * _per_channel(scale, x.ndim, layout) \
         + _per_channel(shift, x.ndim, layout)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
     return _store(out, y, x.dtype), mean.copy(), invstd
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
-                        training=True, layout="NCHW", out=None):
+                        training=True, layout="NCHW", out=None, activation=None, y=None, residual=False):
     """Reference batch-norm backward; see :func:`fastbn.batch_norm_backward`.
 
-    Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``; ``dweight``/``dbias`` float64 (C,).
+    Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``; ``dweight``/``dbias`` float64 (C,);
+    with ``residual=True`` also ``dresidual`` (x's dtype).  With ``activation="relu"``
+    ``dy`` is first masked by the forward's output: ``g = 0 where y <= 0 else dy``.
     """
     _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
                                 FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, allow_empty=True)
     _checks.check_out(out, "out", x.shape, x.dtype)
+    _epilogue.check_backward_epilogue(activation, y, residual, x, FLOAT_DTYPES)
     ndim = x.ndim
     axes = _reduce_axes(ndim, layout)
     x64 = np.asarray(x, dtype=np.float64)
     dy64 = np.asarray(dy, dtype=np.float64)
+    if activation == "relu":
+        dy64 = np.where(np.asarray(y) <= 0, 0.0, dy64)
+    dresidual = dy64.astype(x.dtype)
     invstd = save_invstd.astype(np.float64)
     w = np.ones_like(invstd) if weight is None else weight.astype(np.float64)
     x_hat = (x64 - _per_channel(save_mean, ndim, layout)) * _per_channel(invstd, ndim, layout)
@@ -125,8 +141,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         )
     else:
         dx = dy64 * _per_channel(w * invstd, ndim, layout)
-    return _store(out, dx, x.dtype), dweight, dbias
-
+    grads = (_store(out, dx, x.dtype), dweight, dbias)
+    return (*grads, dresidual) if residual else grads
 
 
 # Layer, group and instance norm live in reference_norms (this file's size); same names here.

@@ -24,7 +24,7 @@ has shape (C,).  dtypes follow :mod:`fastbn.dtypes`.
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _epilogue
 from ._dispatch import select_backend
 from .coefficients import BackwardCoefficients, ForwardCoefficients
 from .dtypes import POLICIES
@@ -125,20 +125,28 @@ def forward_coefficients(stats, weight=None, bias=None, *, dtype, eps=1e-5, runn
                                   None, None, 0.0, False, policy.storage)
 
 
-def apply(x, coefficients, *, layout="NCHW", out=None):
-    """``y = (x - center) * scale + shift`` per channel, one pass; returns ``y`` (``out``).
+def apply(x, coefficients, *, layout="NCHW", out=None, activation=None, residual=None):
+    """``y = activation((x - center) * scale + shift + residual)`` per channel, one pass;
+    returns ``y`` (``out``).
 
     x : array of rank 2-5 in ``layout``; coefficients : :class:`ForwardCoefficients` for
-    x's dtype (:func:`forward_coefficients`); out : optional array like ``x`` (may be ``x``).
+    x's dtype (:func:`forward_coefficients`); out : optional array like ``x`` (may be ``x``);
+    activation : None or "relu"; residual : None or an array like ``x`` (may be ``x``),
+    added before the activation (see :func:`fastbn.batch_norm_forward`).
     """
     c = coefficients
-    backend = select_backend({"x": x, "coefficients.center": getattr(c, "center", None), "out": out})
+    backend = select_backend({"x": x, "coefficients.center": getattr(c, "center", None), "out": out,
+                              "residual": residual})
     _checks.check_layout(layout)
     _checks.check_input(x, "x", backend.storage_dtypes)
     _check_vectors(c, ForwardCoefficients, ("center", "scale", "shift"), x, layout)
     _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
+    _epilogue.check_activation(activation)
+    _epilogue.check_like_x(residual, "residual", x, backend.storage_dtypes)
     b = backend.module
-    return b.apply(x, c, b.geometry(x, layout), out)
+    if activation is None and residual is None:
+        return b.apply(x, c, b.geometry(x, layout), out)
+    return b.apply(x, c, b.geometry(x, layout), out, residual=residual, activation=activation)
 
 
 def _check_vectors(c, kind, fields, x, layout):
@@ -161,16 +169,22 @@ def _check_pair(dy, x, layout, backend):
     return x.shape[_checks.channel_axis(len(x.shape), layout)]
 
 
-def backward_sums(dy, x, mean, *, layout="NCHW"):
+def backward_sums(dy, x, mean, *, layout="NCHW", y=None):
     """Per-channel :class:`BackwardSums`: ``count``, ``sum(dy)``, ``sum(dy * (x - mean))``, float64 (C,).
 
-    dy, x : arrays of one shape and dtype in ``layout``; mean : (C,) the forward's mean.
+    dy, x : arrays of one shape and dtype in ``layout``; mean : (C,) the forward's mean;
+    y : None, or the output of a forward with ``activation="relu"``: ``dy`` is then read
+    as ``0 where y <= 0 else dy`` (the ReLU mask; NumPy arrays only).
     """
-    backend = select_backend({"dy": dy, "x": x, "mean": mean})
+    backend = select_backend({"dy": dy, "x": x, "mean": mean, "y": y})
     num_channels = _check_pair(dy, x, layout, backend)
     _checks.check_channel_vector(mean, "mean", num_channels, backend.statistics_dtypes)
+    _epilogue.check_like_x(y, "y", x, backend.storage_dtypes)
     b = backend.module
-    return b.backward_sums(dy, x, mean, b.geometry(x, layout))
+    if y is None:
+        return b.backward_sums(dy, x, mean, b.geometry(x, layout))
+    _epilogue.refuse_device(backend)
+    return b.backward_sums(dy, x, mean, b.geometry(x, layout), y=y)
 
 
 def _check_sums(sums, num_channels):
@@ -216,14 +230,19 @@ def parameter_gradients(sums, invstd, *, dtype):
     return backend.module.parameter_gradients(sums, invstd, policy.storage)
 
 
-def backward_apply(dy, x, coefficients, *, layout="NCHW", out=None):
+def backward_apply(dy, x, coefficients, *, layout="NCHW", out=None, y=None):
     """``dx = dy * dy_scale + (x - center) * x_scale + shift`` per channel, one pass; returns
-    ``dx`` (``out`` when given; it may be ``dy`` or ``x``)."""
+    ``dx`` (``out`` when given; it may be ``dy`` or ``x``).  With ``y`` (the output of a
+    forward with ``activation="relu"``), ``dy`` is masked as in :func:`backward_sums`."""
     c = coefficients
     backend = select_backend({"dy": dy, "x": x, "coefficients.center": getattr(c, "center", None),
-                              "out": out})
+                              "out": out, "y": y})
     _check_pair(dy, x, layout, backend)
     _check_vectors(c, BackwardCoefficients, BackwardCoefficients._fields, x, layout)
     _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
+    _epilogue.check_like_x(y, "y", x, backend.storage_dtypes)
     b = backend.module
-    return b.backward_apply(dy, x, c, b.geometry(x, layout), out)
+    if y is None:
+        return b.backward_apply(dy, x, c, b.geometry(x, layout), out)
+    _epilogue.refuse_device(backend)
+    return b.backward_apply(dy, x, c, b.geometry(x, layout), out, y=y)

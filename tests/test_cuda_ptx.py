@@ -123,12 +123,15 @@ def test_elementwise_kernels_compile_to_ptx(compile_ptx, dtype):
     # cursor, plus the step's), none per element; NVVM compiles each 64-bit one to a
     # 32-bit fast path plus the 64-bit fallback.
     most = 2 * 2 * (UNROLL + 1)
-    ptx = compile_ptx(kernels.apply, x, 5, 4, vector, vector, vector, x)
+    floor = p.compute.type(0)
+    ptx = compile_ptx(kernels.apply, x, x, True, floor, 5, 4, vector, vector, vector, x)
     assert _divisions(ptx) <= most, _divisions(ptx)
     ptx = compile_ptx(kernels.backward_apply, x, x, 5, 4, vector, vector, vector, vector, x)
     assert _divisions(ptx) <= most, _divisions(ptx)
     par, stat = _vector(p.parameters), _vector(p.statistics)
-    ptx = compile_ptx(kernels.apply_eval, x, 5, 4, par, par, par, par, True, True, 1e-5, 1e38, stat, stat, x)
+    ptx = compile_ptx(kernels.apply_eval, x, x, False, floor, 5, 4, par, par, par, par, True, True, 1e-5, 1e38,
+                      stat, stat, x)
+    assert compile_ptx(kernels.relu_mask, x, x, x)
     assert _divisions(ptx) <= most, _divisions(ptx)
 
 

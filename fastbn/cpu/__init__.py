@@ -5,9 +5,9 @@ passes in one call each (:mod:`~fastbn.cpu.fused`)."""
 
 from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
                      forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
-                     moments_var, parameter_gradients)
+                     moments_var, new_output, parameter_gradients)
 from .fused import backward as fused_backward, forward as fused_forward
 
 __all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
-           "forward_coefficients", "fused_backward", "fused_forward", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
-           "moments_var", "parameter_gradients"]
+           "forward_coefficients", "fused_backward", "fused_forward", "geometry", "mean_var", "merge_moments",
+           "merge_sums", "moments", "moments_invstd", "moments_var", "new_output", "parameter_gradients"]

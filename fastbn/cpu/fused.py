@@ -17,18 +17,21 @@ import numpy as np
 from .. import dtypes
 from . import channels, small, views
 from ._jit import serial_kernel
+from .stages import epilogue_floor
 
 
 @serial_kernel
 def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, running_mean, running_var,
-                  training, update_running, momentum, eps, big, save_mean, save_invstd, coefficients, y3):
+                  training, update_running, momentum, eps, big, save_mean, save_invstd, coefficients, residual3,
+                  floor, y3):
     """Statistics (training) or running statistics (eval), coefficients and apply.
 
     x3, y3: (outer, kept, inner) C-contiguous; weight, bias: (kept,) or placeholders;
     eval_mean, eval_var: the statistics eval normalizes with (may be read-only;
     placeholders in training); running_mean, running_var: updated in training when
     ``update_running`` (placeholders otherwise); save_mean, save_invstd: (kept,) float64 outputs;
-    coefficients: (3, kept) scratch in the compute dtype (center, scale, shift).
+    coefficients: (3, kept) scratch in the compute dtype (center, scale, shift);
+    residual3, floor: the epilogue of :func:`fastbn.cpu.small.small_apply`.
     """
     center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
     if training:
@@ -42,41 +45,43 @@ def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, r
         channels.forward_coefficients(eval_mean, eval_mean, eval_var, False, weight, bias, use_weight,
                                       use_bias, eps, big, momentum, running_mean, running_var, False,
                                       save_mean, save_invstd, center, scale, shift)
-    small.small_apply(x3, center, scale, shift, y3)
+    small.small_apply(x3, residual3, center, scale, shift, floor, y3)
 
 
 @serial_kernel
 def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training, big, grads, coefficients,
-                   dx3):
+                   floor, dx3):
     """Sums, dweight/dbias, dx coefficients and the dx pass.
 
     dy3, x3, dx3: (outer, kept, inner) C-contiguous; save_mean, save_invstd: (kept,);
     weight: (kept,) or a placeholder; grads: (2, kept) output (dweight, dbias) in the
-    parameter dtype; coefficients: (4, kept) scratch in the compute dtype.
+    parameter dtype; coefficients: (4, kept) scratch in the compute dtype; floor: -inf
+    in the compute dtype (eval's dx pass is an apply without epilogue).
     """
     kept = save_invstd.size
     count = np.empty(kept)
     sum_dy = np.empty(kept)
     sum_dy_xmu = np.empty(kept)
-    small.small_backward_sums(dy3, x3, save_mean, count, sum_dy, sum_dy_xmu)
+    small.small_backward_sums(dy3, x3, None, save_mean, count, sum_dy, sum_dy_xmu)
     channels.weight_bias_gradients(sum_dy, sum_dy_xmu, save_invstd, grads[0], grads[1])
     center, dy_scale, x_scale, shift = coefficients[0], coefficients[1], coefficients[2], coefficients[3]
     channels.backward_coefficients(count, sum_dy, sum_dy_xmu, save_mean, save_invstd, weight, use_weight,
                                    training, big, center, dy_scale, x_scale, shift)
     if training:
-        small.small_backward_apply(dy3, x3, center, dy_scale, x_scale, shift, dx3)
+        small.small_backward_apply(dy3, x3, None, center, dy_scale, x_scale, shift, dx3, None)
     else:
-        small.small_apply(dy3, center, dy_scale, shift, dx3)
+        small.small_apply(dy3, None, center, dy_scale, shift, floor, dx3)
 
 
-def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, geom, out, dtype):
-    """``(y, save_mean, save_invstd)`` of :func:`fastbn.batch_norm_forward` in one
-    compiled call, for ``x`` (dense in ``geom``'s order) of at most ``SMALL_SIZE``
-    values; None for larger ones (the caller runs the stages)."""
+def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, geom, out, dtype,
+            residual=None, activation=None):
+    """``(y, save_mean, save_invstd)`` of :func:`fastbn.batch_norm_forward` (with its
+    epilogue) in one compiled call, for ``x`` (dense in ``geom``'s order) of at most
+    ``SMALL_SIZE`` values; None for larger ones (the caller runs the stages)."""
     if x.size > small.SMALL_SIZE:
         return None
     policy = dtypes.policy(dtype)
-    target = views.output_target(out, (x,), geom)
+    target = views.output_target(out, (x,) if residual is None else (x, residual), geom)
     y3 = views.block_view(target, geom)
     placeholder = y3.reshape(-1)
     saved = np.empty((2, geom.kept), policy.statistics)
@@ -85,7 +90,9 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     updated = (running_mean, running_var) if update else (placeholder, placeholder)
     small_forward(views.block_view(x, geom), _given(weight, placeholder), _given(bias, placeholder),
                   weight is not None, bias is not None, *evaluated, *updated, training, update, momentum, eps,
-                  dtypes.largest(policy.compute), saved[0], saved[1], np.empty((3, geom.kept), policy.compute), y3)
+                  dtypes.largest(policy.compute), saved[0], saved[1], np.empty((3, geom.kept), policy.compute),
+                  None if residual is None else views.block_view(residual, geom),
+                  epilogue_floor(activation, policy.compute), y3)
     return views.finish_output(target, out), saved[0], saved[1]
 
 
@@ -100,7 +107,7 @@ def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
     grads = np.empty((2, geom.kept), policy.parameters)
     small_backward(views.block_view(dy, geom), views.block_view(x, geom), save_mean, save_invstd,
                    _given(weight, grads[0]), weight is not None, training, dtypes.largest(policy.compute), grads,
-                   np.empty((4, geom.kept), policy.compute), dx3)
+                   np.empty((4, geom.kept), policy.compute), epilogue_floor(None, policy.compute), dx3)
     return views.finish_output(target, out), grads[0], grads[1]
 
 

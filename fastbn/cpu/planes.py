@@ -15,6 +15,7 @@ from numba import prange
 
 from ._jit import inline_helper, parallel_kernel
 from ..algebra import shifted_moments
+from .epilogue import masked
 
 
 @inline_helper
@@ -54,8 +55,14 @@ def planes_moments(x3, block, part_mean, part_m2):
 
 
 @parallel_kernel
-def planes_apply(x3, center, scale, shift, block, y3):
-    """y3 = (x3 - center[c]) * scale[c] + shift[c] for x3, y3 (N, C, S); vectors (C,) in x3's dtype."""
+def planes_apply(x3, residual3, center, scale, shift, floor, block, y3):
+    """y3 = max((x3 - center[c]) * scale[c] + shift[c] + residual3, floor) for x3, y3 (N, C, S).
+
+    Vectors (C,) and ``floor`` in x3's dtype; ``floor`` is -inf (no activation) or 0
+    (ReLU), so the epilogue costs one max per value and NaN stays NaN.  ``residual3`` is
+    like x3, or None for no residual (a compile-time choice: None compiles its own
+    specialization, without the residual's loop).
+    """
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
     for item in prange(num_n * num_c * blocks_per_plane):
@@ -65,15 +72,25 @@ def planes_apply(x3, center, scale, shift, block, y3):
         m = center[c]
         a = scale[c]
         s = shift[c]
-        for i in range(xs.size):
-            ys[i] = (xs[i] - m) * a + s
+        if residual3 is not None:
+            rs = residual3[n, c, lo:hi]
+            for i in range(xs.size):
+                ys[i] = max((xs[i] - m) * a + s + rs[i], floor)
+        else:
+            for i in range(xs.size):
+                ys[i] = max((xs[i] - m) * a + s, floor)
 
 
 @parallel_kernel
-def planes_backward_sums(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
-    """Per-item sum(dy) and sum(dy * (x - mean[c])) in float64; outputs (N * blocks_per_plane, C)."""
+def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu):
+    """Per-item sum(g) and sum(g * (x - mean[c])) in float64; outputs (N * blocks_per_plane, C).
+
+    ``g = dy3``, or with the ReLU mask ``g = 0 where y3 <= 0 else dy3`` when ``y3`` (the
+    forward's output, like x3) is not None (None compiles without the mask).
+    """
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_sum_dy.shape[0] // num_n
+    zero = np.zeros(1, dy3.dtype)[0]
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
@@ -81,19 +98,32 @@ def planes_backward_sums(dy3, x3, mean, block, part_sum_dy, part_sum_dy_xmu):
         m = mean[c]
         s1 = 0.0
         s2 = 0.0
-        for i in range(xs.size):
-            g = np.float64(gs[i])
-            s1 += g
-            s2 += g * (np.float64(xs[i]) - m)
+        if y3 is not None:
+            ms = y3[n, c, lo:hi]
+            for i in range(xs.size):
+                g = np.float64(masked(gs[i], ms[i], zero))
+                s1 += g
+                s2 += g * (np.float64(xs[i]) - m)
+        else:
+            for i in range(xs.size):
+                g = np.float64(gs[i])
+                s1 += g
+                s2 += g * (np.float64(xs[i]) - m)
         part_sum_dy[n * blocks_per_plane + lo // block, c] = s1
         part_sum_dy_xmu[n * blocks_per_plane + lo // block, c] = s2
 
 
 @parallel_kernel
-def planes_backward_apply(dy3, x3, center, dy_scale, x_scale, shift, block, dx3):
-    """dx3 = dy3 * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype."""
+def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, dx3, g3):
+    """dx3 = g * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype.
+
+    ``g = dy3``, or masked by ``y3 <= 0`` when ``y3`` is not None (see
+    :func:`planes_backward_sums`); ``g3``, when not None (only with ``y3``), receives
+    ``g`` (the residual's gradient).
+    """
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
+    zero = np.zeros(1, dx3.dtype)[0]
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
@@ -103,5 +133,18 @@ def planes_backward_apply(dy3, x3, center, dy_scale, x_scale, shift, block, dx3)
         a = dy_scale[c]
         bx = x_scale[c]
         s = shift[c]
-        for i in range(xs.size):
-            ds[i] = gs[i] * a + (xs[i] - m) * bx + s
+        if g3 is not None:
+            ms = y3[n, c, lo:hi]
+            os = g3[n, c, lo:hi]
+            for i in range(xs.size):
+                g = masked(gs[i], ms[i], zero)
+                os[i] = g
+                ds[i] = g * a + (xs[i] - m) * bx + s
+        elif y3 is not None:
+            ms = y3[n, c, lo:hi]
+            for i in range(xs.size):
+                g = masked(gs[i], ms[i], zero)
+                ds[i] = g * a + (xs[i] - m) * bx + s
+        else:
+            for i in range(xs.size):
+                ds[i] = gs[i] * a + (xs[i] - m) * bx + s

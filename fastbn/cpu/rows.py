@@ -23,6 +23,7 @@ from numba import prange
 
 from ._jit import parallel_kernel
 from ..algebra import shifted_moments
+from .epilogue import masked
 
 
 @parallel_kernel
@@ -79,8 +80,12 @@ def rows_moments(x2, chan, pivot, col_pivot, rows_per_chunk, cols_per_block, par
 
 
 @parallel_kernel
-def rows_apply(x2, center, scale, shift, rows_per_chunk, y2):
-    """y2 = (x2 - center) * scale + shift, row by row, for x2, y2 (M, W); vectors (W,) in x2's dtype."""
+def rows_apply(x2, residual2, center, scale, shift, floor, rows_per_chunk, y2):
+    """y2 = max((x2 - center) * scale + shift + residual2, floor), row by row, for x2, y2 (M, W).
+
+    Vectors (W,) and ``floor`` (-inf or 0: no activation or ReLU) in x2's dtype;
+    ``residual2`` like x2, or None for no residual (compiled without its loop).
+    """
     num_rows = x2.shape[0]
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
         r0 = i * rows_per_chunk
@@ -89,20 +94,29 @@ def rows_apply(x2, center, scale, shift, rows_per_chunk, y2):
         for r in range(xs.shape[0]):
             xr = xs[r]
             yr = ys[r]
-            for c in range(xr.size):
-                yr[c] = (xr[c] - center[c]) * scale[c] + shift[c]
+            if residual2 is not None:
+                rr = residual2[r0 + r]
+                for c in range(xr.size):
+                    yr[c] = max((xr[c] - center[c]) * scale[c] + shift[c] + rr[c], floor)
+            else:
+                for c in range(xr.size):
+                    yr[c] = max((xr[c] - center[c]) * scale[c] + shift[c], floor)
 
 
 @parallel_kernel
-def rows_backward_sums(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block,
-                         part_sum_dy, part_sum_dy_xmu):
-    """Per-(row chunk, channel) sums of dy and dy * (x - mean) in float64; outputs (row_chunks, C).
+def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_block,
+                       part_sum_dy, part_sum_dy_xmu):
+    """Per-(row chunk, channel) sums of g and g * (x - mean) in float64; outputs (row_chunks, C).
 
-    ``col_mean`` (W,) float64 is each column's channel mean.
+    ``col_mean`` (W,) float64 is each column's channel mean.  ``g = dy2``, or with the
+    ReLU mask ``g = 0 where y2 <= 0 else dy2`` when ``y2`` (the forward's output, like
+    x2) is not None (None compiles without the mask).
     """
     num_rows, width = x2.shape
     x1 = x2.reshape(num_rows * width)
     g1 = dy2.reshape(num_rows * width)
+    zero = np.zeros(1, dy2.dtype)[0]
+    y1 = x1 if y2 is None else y2.reshape(num_rows * width)  # x1: a placeholder, never read
     num_chunks = part_sum_dy.shape[0]
     num_blocks = (width + cols_per_block - 1) // cols_per_block
     for item in prange(num_chunks * num_blocks):
@@ -115,27 +129,53 @@ def rows_backward_sums(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block,
         m = col_mean[c0:c0 + cols]
         s1 = np.zeros(cols)
         s2 = np.zeros(cols)
-        r = 0
-        while r + 1 < rows:
-            start = (r0 + r) * width + c0
-            xa = x1[start:start + cols]
-            xb = x1[start + width:start + width + cols]
-            ga = g1[start:start + cols]
-            gb = g1[start + width:start + width + cols]
-            for c in range(cols):
-                a = np.float64(ga[c])
-                b = np.float64(gb[c])
-                s1[c] += a + b
-                s2[c] += a * (np.float64(xa[c]) - m[c]) + b * (np.float64(xb[c]) - m[c])
-            r += 2
-        if r < rows:
-            start = (r0 + r) * width + c0
-            xa = x1[start:start + cols]
-            ga = g1[start:start + cols]
-            for c in range(cols):
-                a = np.float64(ga[c])
-                s1[c] += a
-                s2[c] += a * (np.float64(xa[c]) - m[c])
+        if y2 is not None:
+            r = 0
+            while r + 1 < rows:
+                start = (r0 + r) * width + c0
+                xa = x1[start:start + cols]
+                xb = x1[start + width:start + width + cols]
+                ga = g1[start:start + cols]
+                gb = g1[start + width:start + width + cols]
+                ya = y1[start:start + cols]
+                yb = y1[start + width:start + width + cols]
+                for c in range(cols):
+                    a = np.float64(masked(ga[c], ya[c], zero))
+                    b = np.float64(masked(gb[c], yb[c], zero))
+                    s1[c] += a + b
+                    s2[c] += a * (np.float64(xa[c]) - m[c]) + b * (np.float64(xb[c]) - m[c])
+                r += 2
+            if r < rows:
+                start = (r0 + r) * width + c0
+                xa = x1[start:start + cols]
+                ga = g1[start:start + cols]
+                ya = y1[start:start + cols]
+                for c in range(cols):
+                    a = np.float64(masked(ga[c], ya[c], zero))
+                    s1[c] += a
+                    s2[c] += a * (np.float64(xa[c]) - m[c])
+        else:
+            r = 0
+            while r + 1 < rows:
+                start = (r0 + r) * width + c0
+                xa = x1[start:start + cols]
+                xb = x1[start + width:start + width + cols]
+                ga = g1[start:start + cols]
+                gb = g1[start + width:start + width + cols]
+                for c in range(cols):
+                    a = np.float64(ga[c])
+                    b = np.float64(gb[c])
+                    s1[c] += a + b
+                    s2[c] += a * (np.float64(xa[c]) - m[c]) + b * (np.float64(xb[c]) - m[c])
+                r += 2
+            if r < rows:
+                start = (r0 + r) * width + c0
+                xa = x1[start:start + cols]
+                ga = g1[start:start + cols]
+                for c in range(cols):
+                    a = np.float64(ga[c])
+                    s1[c] += a
+                    s2[c] += a * (np.float64(xa[c]) - m[c])
         ch_lo = chan[c0]
         num_ch = chan[c0 + cols - 1] + 1 - ch_lo
         for ch in range(num_ch):
@@ -147,9 +187,14 @@ def rows_backward_sums(dy2, x2, chan, col_mean, rows_per_chunk, cols_per_block,
 
 
 @parallel_kernel
-def rows_backward_apply(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2):
-    """dx2 = dy2 * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in x2's dtype."""
+def rows_backward_apply(dy2, x2, y2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2, g2):
+    """dx2 = g * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in x2's dtype.
+
+    ``g = dy2``, or masked by ``y2 <= 0`` when ``y2`` is not None; ``g2``, when not
+    None (only with ``y2``), receives ``g`` (the residual's gradient).
+    """
     num_rows = x2.shape[0]
+    zero = np.zeros(1, dx2.dtype)[0]
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
         r0 = i * rows_per_chunk
         xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
@@ -159,5 +204,18 @@ def rows_backward_apply(dy2, x2, center, dy_scale, x_scale, shift, rows_per_chun
             xr = xs[r]
             gr = gs[r]
             dr = ds[r]
-            for c in range(xr.size):
-                dr[c] = gr[c] * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+            if g2 is not None:
+                yr = y2[r0 + r]
+                orow = g2[r0 + r]
+                for c in range(xr.size):
+                    g = masked(gr[c], yr[c], zero)
+                    orow[c] = g
+                    dr[c] = g * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+            elif y2 is not None:
+                yr = y2[r0 + r]
+                for c in range(xr.size):
+                    g = masked(gr[c], yr[c], zero)
+                    dr[c] = g * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+            else:
+                for c in range(xr.size):
+                    dr[c] = gr[c] * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]

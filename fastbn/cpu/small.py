@@ -12,6 +12,7 @@ Every kernel takes the C-contiguous ``(outer, kept, inner)`` view of
 import numpy as np
 
 from ..algebra import shifted_moments
+from .epilogue import masked
 from ._jit import serial_kernel, serial_reduction
 
 #: Tensors with at most this many values run serially.
@@ -62,76 +63,146 @@ def small_moments(x3, count, mean, m2):
 
 
 @serial_kernel
-def small_apply(x3, center, scale, shift, y3):
-    """y3 = (x3 - center[k]) * scale[k] + shift[k] over (outer, kept, inner) views."""
+def small_apply(x3, residual3, center, scale, shift, floor, y3):
+    """y3 = max((x3 - center[k]) * scale[k] + shift[k] + residual3, floor) over (outer, kept,
+    inner) views; ``residual3`` None for none (compiled without it), ``floor`` -inf or 0 (ReLU)."""
     outer, kept, inner = x3.shape
-    for o in range(outer):
-        if inner == 1:
-            xr = x3[o, :, 0]
-            yr = y3[o, :, 0]
-            for k in range(kept):
-                yr[k] = (xr[k] - center[k]) * scale[k] + shift[k]
+    if inner == 1:
+        x2 = x3.reshape(outer, kept)
+        y2 = y3.reshape(outer, kept)
+        if residual3 is not None:
+            r2 = residual3.reshape(outer, kept)
+            for o in range(outer):
+                xr, yr, rr = x2[o], y2[o], r2[o]
+                for k in range(kept):
+                    yr[k] = max((xr[k] - center[k]) * scale[k] + shift[k] + rr[k], floor)
         else:
-            for k in range(kept):
-                xs = x3[o, k]
-                ys = y3[o, k]
-                m = center[k]
-                a = scale[k]
-                s = shift[k]
+            for o in range(outer):
+                xr, yr = x2[o], y2[o]
+                for k in range(kept):
+                    yr[k] = max((xr[k] - center[k]) * scale[k] + shift[k], floor)
+        return
+    for o in range(outer):
+        for k in range(kept):
+            xs = x3[o, k]
+            ys = y3[o, k]
+            m = center[k]
+            a = scale[k]
+            s = shift[k]
+            if residual3 is not None:
+                rs = residual3[o, k]
                 for i in range(inner):
-                    ys[i] = (xs[i] - m) * a + s
+                    ys[i] = max((xs[i] - m) * a + s + rs[i], floor)
+            else:
+                for i in range(inner):
+                    ys[i] = max((xs[i] - m) * a + s, floor)
 
 
-@serial_kernel
-def small_backward_sums(dy3, x3, mean, count, sum_dy, sum_dy_xmu):
-    """Per-kept-index count, sum(dy) and sum(dy * (x - mean)), float64 outputs (kept,)."""
+@serial_reduction
+def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
+    """Per-kept-index count, sum(g) and sum(g * (x - mean)), float64 outputs (kept,);
+    ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not None."""
     outer, kept, inner = x3.shape
+    zero = np.zeros(1, dy3.dtype)[0]
     for k in range(kept):
         count[k] = outer * inner
         sum_dy[k] = 0.0
         sum_dy_xmu[k] = 0.0
-    for o in range(outer):
-        if inner == 1:
-            xr = x3[o, :, 0]
-            gr = dy3[o, :, 0]
-            for k in range(kept):
-                g = np.float64(gr[k])
-                sum_dy[k] += g
-                sum_dy_xmu[k] += g * (np.float64(xr[k]) - mean[k])
+    if inner == 1:
+        x2 = x3.reshape(outer, kept)
+        g2 = dy3.reshape(outer, kept)
+        if y3 is not None:
+            y2 = y3.reshape(outer, kept)
+            for o in range(outer):
+                xr, gr, yr = x2[o], g2[o], y2[o]
+                for k in range(kept):
+                    g = np.float64(masked(gr[k], yr[k], zero))
+                    sum_dy[k] += g
+                    sum_dy_xmu[k] += g * (np.float64(xr[k]) - mean[k])
         else:
-            for k in range(kept):
-                xs = x3[o, k]
-                gs = dy3[o, k]
-                m = np.float64(mean[k])
-                a = 0.0
-                b = 0.0
+            for o in range(outer):
+                xr, gr = x2[o], g2[o]
+                for k in range(kept):
+                    g = np.float64(gr[k])
+                    sum_dy[k] += g
+                    sum_dy_xmu[k] += g * (np.float64(xr[k]) - mean[k])
+        return
+    for o in range(outer):
+        for k in range(kept):
+            xs = x3[o, k]
+            gs = dy3[o, k]
+            m = np.float64(mean[k])
+            a = 0.0
+            b = 0.0
+            if y3 is not None:
+                ms = y3[o, k]
+                for i in range(inner):
+                    g = np.float64(masked(gs[i], ms[i], zero))
+                    a += g
+                    b += g * (np.float64(xs[i]) - m)
+            else:
                 for i in range(inner):
                     g = np.float64(gs[i])
                     a += g
                     b += g * (np.float64(xs[i]) - m)
-                sum_dy[k] += a
-                sum_dy_xmu[k] += b
+            sum_dy[k] += a
+            sum_dy_xmu[k] += b
 
 
 @serial_kernel
-def small_backward_apply(dy3, x3, center, dy_scale, x_scale, shift, dx3):
-    """dx3 = dy3 * dy_scale[k] + (x3 - center[k]) * x_scale[k] + shift[k]."""
+def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3):
+    """dx3 = g * dy_scale[k] + (x3 - center[k]) * x_scale[k] + shift[k]; ``g = dy3``, or
+    0 where ``y3 <= 0`` when ``y3`` is not None; ``g3``, when not None (only with ``y3``),
+    receives ``g``.  Rows (``inner == 1``) run as C-contiguous (outer, kept) rows."""
     outer, kept, inner = x3.shape
-    for o in range(outer):
-        if inner == 1:
-            xr = x3[o, :, 0]
-            gr = dy3[o, :, 0]
-            dr = dx3[o, :, 0]
-            for k in range(kept):
-                dr[k] = gr[k] * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
+    zero = np.zeros(1, dx3.dtype)[0]
+    if inner == 1:
+        x2 = x3.reshape(outer, kept)
+        g2 = dy3.reshape(outer, kept)
+        d2 = dx3.reshape(outer, kept)
+        if g3 is not None:
+            y2 = y3.reshape(outer, kept)
+            o2 = g3.reshape(outer, kept)
+            for o in range(outer):
+                xr, gr, dr, yr, orow = x2[o], g2[o], d2[o], y2[o], o2[o]
+                for k in range(kept):
+                    g = masked(gr[k], yr[k], zero)
+                    orow[k] = g
+                    dr[k] = g * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
+        elif y3 is not None:
+            y2 = y3.reshape(outer, kept)
+            for o in range(outer):
+                xr, gr, dr, yr = x2[o], g2[o], d2[o], y2[o]
+                for k in range(kept):
+                    g = masked(gr[k], yr[k], zero)
+                    dr[k] = g * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
         else:
-            for k in range(kept):
-                xs = x3[o, k]
-                gs = dy3[o, k]
-                ds = dx3[o, k]
-                m = center[k]
-                a = dy_scale[k]
-                bx = x_scale[k]
-                s = shift[k]
+            for o in range(outer):
+                xr, gr, dr = x2[o], g2[o], d2[o]
+                for k in range(kept):
+                    dr[k] = gr[k] * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
+        return
+    for o in range(outer):
+        for k in range(kept):
+            xs = x3[o, k]
+            gs = dy3[o, k]
+            ds = dx3[o, k]
+            m = center[k]
+            a = dy_scale[k]
+            bx = x_scale[k]
+            s = shift[k]
+            if g3 is not None:
+                ms = y3[o, k]
+                os = g3[o, k]
+                for i in range(inner):
+                    g = masked(gs[i], ms[i], zero)
+                    os[i] = g
+                    ds[i] = g * a + (xs[i] - m) * bx + s
+            elif y3 is not None:
+                ms = y3[o, k]
+                for i in range(inner):
+                    g = masked(gs[i], ms[i], zero)
+                    ds[i] = g * a + (xs[i] - m) * bx + s
+            else:
                 for i in range(inner):
                     ds[i] = gs[i] * a + (xs[i] - m) * bx + s

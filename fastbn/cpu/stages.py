@@ -28,6 +28,7 @@ rows_backward_apply = guarded(rows.rows_backward_apply)
 merge_partials = guarded(channels.merge_partials)
 
 as_dense = views.as_dense
+new_output = views.new_output
 
 
 def geometry(x, layout):
@@ -133,51 +134,88 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, eps,
     return ForwardCoefficients(center, scale, shift, save_mean, save_invstd)
 
 
-def apply(x, coefficients, geom, out):
-    """``y = (x - center) * scale + shift`` per channel; ``out`` when given."""
-    target = views.output_target(out, (x,), geom)
-    _apply_kernel(views.kernel_view(x, geom), views.kernel_view(target, geom), geom,
-                  coefficients.center, coefficients.scale, coefficients.shift)
+def epilogue_floor(activation, dtype):
+    """The apply kernels' lower bound in compute dtype ``dtype``: 0 for ``"relu"``
+    (``max(v, 0)``), -inf for none (``max(v, -inf)`` is ``v``, NaN included)."""
+    return np.asarray(0.0 if activation == "relu" else -np.inf, dtype=dtype)[()]
+
+
+def apply(x, coefficients, geom, out, residual=None, activation=None):
+    """``y = activation((x - center) * scale + shift + residual)`` per channel, one pass;
+    ``out`` when given.  ``residual`` (like ``x``) and ``activation`` (None or "relu")
+    are optional."""
+    inputs = (x,) if residual is None else (x, residual)
+    target = views.output_target(out, inputs, geom)
+    xv = views.kernel_view(x, geom)
+    rv = _optional_view(residual, geom)
+    _apply_kernel(xv, rv, views.kernel_view(target, geom), geom, coefficients.center, coefficients.scale,
+                  coefficients.shift, epilogue_floor(activation, coefficients.scale.dtype))
     return views.finish_output(target, out)
 
 
-def _apply_kernel(xv, yv, geom, center, scale, shift):
+def _optional_view(a, geom):
+    """The kernel view of optional array ``a`` (None stays None: the kernels compile a
+    specialization without its loop, so plain calls compile no epilogue code)."""
+    return None if a is None else views.kernel_view(a, geom)
+
+
+def _small(v, shape):
+    """Optional kernel view ``v`` as the small kernels' 3-D view."""
+    return None if v is None else v.reshape(shape)
+
+
+def _row_pieces(*arrays):
+    """:func:`plans.row_pieces` of the given views, None ones passed through as None."""
+    given = [a for a in arrays if a is not None]
+    for views_, expand in plans.row_pieces(*given):
+        pieces = iter(views_)
+        yield tuple(None if a is None else next(pieces) for a in arrays), expand
+
+
+def _apply_kernel(xv, rv, yv, geom, center, scale, shift, floor):
     if xv.size <= small.SMALL_SIZE:
-        small.small_apply(xv.reshape(geom.view_shape), center, scale, shift, yv.reshape(geom.view_shape))
+        shape = geom.view_shape
+        small.small_apply(xv.reshape(shape), _small(rv, shape), center, scale, shift, floor, yv.reshape(shape))
     elif geom.family == PLANES:
-        planes_apply(xv, center, scale, shift, plans.PLANE_BLOCK, yv)
+        planes_apply(xv, rv, center, scale, shift, floor, plans.PLANE_BLOCK, yv)
     else:
-        for (xp, yp), expand in plans.row_pieces(xv, yv):
-            rows_apply(xp, expand(center), expand(scale), expand(shift), plans.rows_per_chunk(xp.shape[1]), yp)
+        for (xp, yp, rp), expand in _row_pieces(xv, yv, rv):
+            rows_apply(xp, rp, expand(center), expand(scale), expand(shift), floor,
+                       plans.rows_per_chunk(xp.shape[1]), yp)
 
 
 # --------------------------------------------------------------------------- backward
 
 @np.errstate(all="ignore")  # Inf/NaN data propagate as IEEE values, without warnings
-def backward_sums(dy, x, mean, geom):
-    """Per-channel :class:`BackwardSums`: count, sum(dy) and sum(dy * (x - mean)), float64."""
+def backward_sums(dy, x, mean, geom, y=None):
+    """Per-channel :class:`BackwardSums`: count, sum(g) and sum(g * (x - mean)), float64,
+    with ``g = dy``, or ``g = 0 where y <= 0 else dy`` (the ReLU mask) when the forward's
+    output ``y`` is given."""
     num_channels = geom.kept
     if x.size <= small.SMALL_SIZE:
         result = BackwardSums(np.empty(num_channels), np.empty(num_channels), np.empty(num_channels))
-        small.small_backward_sums(views.block_view(dy, geom), views.block_view(x, geom), mean, *result)
+        yb = None if y is None else views.block_view(y, geom)
+        small.small_backward_sums(views.block_view(dy, geom), views.block_view(x, geom), yb, mean, *result)
         return result
     xv = views.kernel_view(x, geom)
     dyv = views.kernel_view(dy, geom)
+    yv = _optional_view(y, geom)
     mean = np.asarray(mean, dtype=np.float64)
     count = np.full(num_channels, float(geom.count))
     if not plans.reduces_as_rows(xv, geom.family):
         shape, _ = plans.plane_partials(xv)
         part_dy, part_dy_xmu = np.empty(shape), np.empty(shape)
-        planes_backward_sums(dyv, xv, mean, plans.PLANE_BLOCK, part_dy, part_dy_xmu)
+        planes_backward_sums(dyv, xv, yv, mean, plans.PLANE_BLOCK, part_dy, part_dy_xmu)
         return BackwardSums(count, part_dy.sum(axis=0), part_dy_xmu.sum(axis=0))
     sum_dy, sum_dy_xmu = np.zeros(num_channels), np.zeros(num_channels)
-    for (gp, xp), expand in plans.row_pieces(dyv, xv):
+    for (gp, xp, yp), expand in _row_pieces(dyv, xv, yv):
         chan = expand(np.arange(num_channels))
         rows_per_chunk, cols_per_block = plans.row_tiles(xp.shape[1], chan)
         num_chunks = -(-xp.shape[0] // rows_per_chunk)
         part_dy = np.empty((num_chunks, num_channels))
         part_dy_xmu = np.empty_like(part_dy)
-        rows_backward_sums(gp, xp, chan, expand(mean), rows_per_chunk, cols_per_block, part_dy, part_dy_xmu)
+        rows_backward_sums(gp, xp, yp, chan, expand(mean), rows_per_chunk, cols_per_block,
+                           part_dy, part_dy_xmu)
         sum_dy += part_dy.sum(axis=0)
         sum_dy_xmu += part_dy_xmu.sum(axis=0)
     return BackwardSums(count, sum_dy, sum_dy_xmu)
@@ -201,21 +239,27 @@ def parameter_gradients(sums, invstd, dtype):
     return grads[0], grads[1]
 
 
-def backward_apply(dy, x, coefficients, geom, out):
-    """``dx = dy * dy_scale + (x - center) * x_scale + shift`` per channel; ``out`` when given."""
-    target = views.output_target(out, (dy, x), geom)
+def backward_apply(dy, x, coefficients, geom, out, y=None, masked_dy=None):
+    """``dx = g * dy_scale + (x - center) * x_scale + shift`` per channel; ``out`` when given.
+
+    ``g = dy``, or ``dy`` masked by ``y <= 0`` (ReLU) when the forward's output ``y`` is
+    given; ``masked_dy`` (a fresh array like ``x``, only with ``y``) receives ``g``.
+    """
+    target = views.output_target(out, (dy, x) if y is None else (dy, x, y), geom)
     dyv, xv, dxv = (views.kernel_view(a, geom) for a in (dy, x, target))
+    yv = _optional_view(y, geom)
+    gv = _optional_view(masked_dy, geom)
     c = coefficients
     if x.size <= small.SMALL_SIZE:
         shape = geom.view_shape
-        small.small_backward_apply(dyv.reshape(shape), xv.reshape(shape), c.center, c.dy_scale, c.x_scale,
-                                   c.shift, dxv.reshape(shape))
+        small.small_backward_apply(dyv.reshape(shape), xv.reshape(shape), _small(yv, shape), c.center,
+                                   c.dy_scale, c.x_scale, c.shift, dxv.reshape(shape), _small(gv, shape))
     elif geom.family == PLANES:
-        planes_backward_apply(dyv, xv, c.center, c.dy_scale, c.x_scale, c.shift, plans.PLANE_BLOCK, dxv)
+        planes_backward_apply(dyv, xv, yv, c.center, c.dy_scale, c.x_scale, c.shift, plans.PLANE_BLOCK, dxv, gv)
     else:
-        for (gp, xp, dp), expand in plans.row_pieces(dyv, xv, dxv):
-            rows_backward_apply(gp, xp, expand(c.center), expand(c.dy_scale), expand(c.x_scale),
-                                expand(c.shift), plans.rows_per_chunk(xp.shape[1]), dp)
+        for (gp, xp, dp, yp, mp), expand in _row_pieces(dyv, xv, dxv, yv, gv):
+            rows_backward_apply(gp, xp, yp, expand(c.center), expand(c.dy_scale), expand(c.x_scale),
+                                expand(c.shift), plans.rows_per_chunk(xp.shape[1]), dp, mp)
     return views.finish_output(target, out)
 
 
@@ -224,6 +268,7 @@ def backward_scale(dy, coefficients, geom, out):
     pass fewer than :func:`backward_apply`."""
     target = views.output_target(out, (dy,), geom)
     c = coefficients
-    _apply_kernel(views.kernel_view(dy, geom), views.kernel_view(target, geom), geom,
-                  c.center, c.dy_scale, c.shift)
+    dyv = views.kernel_view(dy, geom)
+    _apply_kernel(dyv, None, views.kernel_view(target, geom), geom, c.center, c.dy_scale, c.shift,
+                  epilogue_floor(None, c.dy_scale.dtype))
     return views.finish_output(target, out)

@@ -23,7 +23,7 @@ from .fused import forward as fused_forward
 from .streams import stream
 from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
                      forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
-                     moments_var, parameter_gradients)
+                     moments_var, parameter_gradients, relu_mask)
 
 if SIMULATOR:
     from . import _simulator
@@ -31,7 +31,7 @@ if SIMULATOR:
 
 __all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
            "forward_coefficients", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
-           "moments_var", "parameter_gradients", "fused_forward", "fused_backward", "launch_config", "stream",
+           "moments_var", "parameter_gradients", "relu_mask", "fused_forward", "fused_backward", "launch_config", "stream",
            "LaunchConfig", "describe", "require_gpu"]
 
 

@@ -25,7 +25,8 @@ from ..algebra import forward_channel
 from .plans import UNROLL
 
 #: The elementwise kernels of one storage dtype.
-ElementwiseKernels = collections.namedtuple("ElementwiseKernels", ["apply", "backward_apply", "apply_eval"])
+ElementwiseKernels = collections.namedtuple("ElementwiseKernels",
+                                            ["apply", "backward_apply", "apply_eval", "relu_mask"])
 
 
 @cuda.jit(device=True)
@@ -63,8 +64,16 @@ def elementwise_kernels(dtype):
     comp = dtypes.policy(dtype).compute.type
 
     @cuda.jit(device=True)
-    def apply_loop(x, plane_size, num_channels, center, scale, shift, y):
-        """y = (x - center[c]) * scale[c] + shift[c] over this thread's elements."""
+    def epilogue(v, residual, add_residual, floor, i):
+        """The fused epilogue of value ``v`` of flat index ``i``: ``+ residual[i]`` when
+        ``add_residual``, then the lower bound ``floor`` (-inf: none; 0: ReLU; NaN stays NaN)."""
+        if add_residual:
+            v += comp(residual[i])
+        return floor if v < floor else v
+
+    @cuda.jit(device=True)
+    def apply_loop(x, residual, add_residual, floor, plane_size, num_channels, center, scale, shift, y):
+        """y = epilogue((x - center[c]) * scale[c] + shift[c]) over this thread's elements."""
         size = x.size
         threads = cuda.gridsize(1)
         step_offset, step_channels = step_of(plane_size, num_channels)
@@ -82,10 +91,10 @@ def elementwise_kernels(dtype):
             a1 = comp(x[i1])
             a2 = comp(x[i2])
             a3 = comp(x[i3])
-            y[i0] = (a0 - center[c0]) * scale[c0] + shift[c0]
-            y[i1] = (a1 - center[c1]) * scale[c1] + shift[c1]
-            y[i2] = (a2 - center[c2]) * scale[c2] + shift[c2]
-            y[i3] = (a3 - center[c3]) * scale[c3] + shift[c3]
+            y[i0] = epilogue((a0 - center[c0]) * scale[c0] + shift[c0], residual, add_residual, floor, i0)
+            y[i1] = epilogue((a1 - center[c1]) * scale[c1] + shift[c1], residual, add_residual, floor, i1)
+            y[i2] = epilogue((a2 - center[c2]) * scale[c2] + shift[c2], residual, add_residual, floor, i2)
+            y[i3] = epilogue((a3 - center[c3]) * scale[c3] + shift[c3], residual, add_residual, floor, i3)
             i0 += step
             i1 += step
             i2 += step
@@ -95,20 +104,25 @@ def elementwise_kernels(dtype):
             o2, c2 = advance(o2, c2, step_offset, step_channels, plane_size, num_channels)
             o3, c3 = advance(o3, c3, step_offset, step_channels, plane_size, num_channels)
         if i0 < size:
-            y[i0] = (comp(x[i0]) - center[c0]) * scale[c0] + shift[c0]
+            y[i0] = epilogue((comp(x[i0]) - center[c0]) * scale[c0] + shift[c0], residual, add_residual,
+                              floor, i0)
         if i1 < size:
-            y[i1] = (comp(x[i1]) - center[c1]) * scale[c1] + shift[c1]
+            y[i1] = epilogue((comp(x[i1]) - center[c1]) * scale[c1] + shift[c1], residual, add_residual,
+                              floor, i1)
         if i2 < size:
-            y[i2] = (comp(x[i2]) - center[c2]) * scale[c2] + shift[c2]
+            y[i2] = epilogue((comp(x[i2]) - center[c2]) * scale[c2] + shift[c2], residual, add_residual,
+                              floor, i2)
 
     @cuda.jit
-    def apply(x, plane_size, num_channels, center, scale, shift, y):
-        """y = (x - center[c]) * scale[c] + shift[c]; vectors (C,) in the compute dtype."""
-        apply_loop(x, plane_size, num_channels, center, scale, shift, y)
+    def apply(x, residual, add_residual, floor, plane_size, num_channels, center, scale, shift, y):
+        """y = max((x - center[c]) * scale[c] + shift[c] (+ residual), floor); vectors (C,)
+        and ``floor`` (-inf, or 0 for ReLU) in the compute dtype; ``residual`` like x, read
+        only when ``add_residual`` (else any placeholder of x's type)."""
+        apply_loop(x, residual, add_residual, floor, plane_size, num_channels, center, scale, shift, y)
 
     @cuda.jit
-    def apply_eval(x, plane_size, num_channels, running_mean, running_var, weight, bias, use_weight, use_bias,
-                   eps, big, save_mean, save_invstd, y):
+    def apply_eval(x, residual, add_residual, floor, plane_size, num_channels, running_mean, running_var, weight,
+                   bias, use_weight, use_bias, eps, big, save_mean, save_invstd, y):
         """Eval forward in one launch: each block computes every channel's coefficients
         from the running statistics into dynamic shared memory (3 C values of the compute
         dtype), block 0 also storing save_mean and save_invstd, then applies them."""
@@ -130,7 +144,7 @@ def elementwise_kernels(dtype):
                                 center, scale, center, scale, shift)
             c += cuda.blockDim.x
         cuda.syncthreads()
-        apply_loop(x, plane_size, num_channels, center, scale, shift, y)
+        apply_loop(x, residual, add_residual, floor, plane_size, num_channels, center, scale, shift, y)
 
     @cuda.jit
     def backward_apply(dy, x, plane_size, num_channels, center, dy_scale, x_scale, shift, dx):
@@ -175,7 +189,16 @@ def elementwise_kernels(dtype):
         if i2 < size:
             dx[i2] = comp(dy[i2]) * dy_scale[c2] + (comp(x[i2]) - center[c2]) * x_scale[c2] + shift[c2]
 
-    return ElementwiseKernels(apply, backward_apply, apply_eval)
+    @cuda.jit
+    def relu_mask(dy, y, g):
+        """g = 0 where y <= 0 else dy (PyTorch's threshold_backward), flat buffers."""
+        zero = comp(0)
+        i = cuda.grid(1)
+        while i < dy.size:
+            g[i] = zero if comp(y[i]) <= zero else comp(dy[i])
+            i += cuda.gridsize(1)
+
+    return ElementwiseKernels(apply, backward_apply, apply_eval, relu_mask)
 
 
 def eval_shared_bytes(num_channels, dtype):

@@ -26,7 +26,7 @@ from .arrays import as_numba
 from .elementwise import MAX_DYNAMIC_SHARED, elementwise_kernels, eval_shared_bytes
 from .plans import ReductionPlan, channel_grid, elementwise_grid
 from .stages import (FLOAT64, _apply_kernel, _backward_apply_kernel, _launch, _new, _numba, _on_device_of,
-                     _partials, launch_moments, launch_sums, plane_size)
+                     _partials, epilogue_floor, launch_moments, launch_sums, plane_size)
 
 
 def _vectors(caller, stream, name, number, num_channels, dtype):
@@ -36,23 +36,28 @@ def _vectors(caller, stream, name, number, num_channels, dtype):
 
 
 @_on_device_of(lambda x, *rest: x)
-def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, geom, out, dtype):
-    """``(y, save_mean, save_invstd)`` of :func:`fastbn.batch_norm_forward`; ``x`` dense in
+def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, geom, out, dtype,
+            residual=None, activation=None):
+    """``(y, save_mean, save_invstd)`` of :func:`fastbn.batch_norm_forward`, with its
+    optional epilogue ``activation(... + residual)`` in the apply launch; ``x`` dense in
     ``geom``'s order, arguments checked."""
     policy = dtypes.policy(dtype)
     caller, stream = x, streams.for_array(x)
     x, weight, bias, running_mean, running_var = _numba(x, weight, bias, running_mean, running_var)
     xf = views.kernel_input(x, geom, stream, caller)
+    rf = None if residual is None else views.kernel_input(as_numba(residual), geom, stream, caller)
+    inputs = (xf,) if rf is None else (xf, rf)
+    epilogue = (xf if rf is None else rf, rf is not None, epilogue_floor(activation, x.dtype))
     num_channels = geom.kept
     saved = _new(caller, stream, 2, num_channels, policy.statistics)
     save_mean, save_invstd = _numba(*saved)
     big = dtypes.largest(policy.compute)
     shared_bytes = eval_shared_bytes(num_channels, x.dtype)
     if not training and shared_bytes <= MAX_DYNAMIC_SHARED:
-        native, target = views.output_target(as_numba(out), (xf,), geom, x.dtype, caller, stream)
+        native, target = views.output_target(as_numba(out), inputs, geom, x.dtype, caller, stream)
         # Absent optional vectors are placeholders of their dtype, read only under their flag.
         _launch(elementwise_kernels(x.dtype).apply_eval, elementwise_grid(xf.size), stream,
-                xf, plane_size(geom), num_channels, running_mean, running_var,
+                xf, *epilogue, plane_size(geom), num_channels, running_mean, running_var,
                 running_mean if weight is None else weight, running_mean if bias is None else bias,
                 weight is not None, bias is not None, eps, big, save_mean, save_invstd, target,
                 shared_bytes=shared_bytes)
@@ -75,8 +80,8 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                 running_mean, running_mean, running_var, False, weight_, bias_,
                 weight is not None, bias is not None, eps, big, 0.0, center, center, False,
                 save_mean, save_invstd, center, scale, shift)
-    native, target = views.output_target(as_numba(out), (xf,), geom, x.dtype, caller, stream)
-    _apply_kernel(xf, target, geom, x.dtype, stream, center, scale, shift)
+    native, target = views.output_target(as_numba(out), inputs, geom, x.dtype, caller, stream)
+    _apply_kernel(xf, target, geom, x.dtype, stream, center, scale, shift, residual=rf, activation=activation)
     return views.finish_output(native, target, out, geom, stream), saved[0], saved[1]
 
 

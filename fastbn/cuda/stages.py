@@ -43,9 +43,9 @@ def _on_device_of(pick):
     """Decorator: run the stage on the device of the array ``pick(*args)`` returns."""
     def decorate(stage):
         @functools.wraps(stage)
-        def run(*args):
+        def run(*args, **options):
             with streams.on_device_of(pick(*args)):
-                return stage(*args)
+                return stage(*args, **options)
         return run
     return decorate
 
@@ -218,10 +218,18 @@ def plane_size(geom):
     return geom.inner if geom.family == PLANES else 1
 
 
-def _apply_kernel(xf, yf, geom, dtype, stream, center, scale, shift):
-    """yf = (xf - center[c]) * scale[c] + shift[c] over flat buffers."""
+def epilogue_floor(activation, dtype):
+    """The apply kernel's lower bound in the compute dtype of storage ``dtype``: 0 for
+    ``"relu"``, -inf for none (as :func:`fastbn.cpu.stages.epilogue_floor`)."""
+    return dtypes.policy(dtype).compute.type(0.0 if activation == "relu" else -np.inf)
+
+
+def _apply_kernel(xf, yf, geom, dtype, stream, center, scale, shift, residual=None, activation=None):
+    """yf = activation((xf - center[c]) * scale[c] + shift[c] + residual) over flat buffers
+    (``residual`` a flat buffer like xf, or None)."""
     _launch(elementwise_kernels(np.dtype(dtype)).apply, elementwise_grid(xf.size), stream,
-            xf, plane_size(geom), geom.kept, center, scale, shift, yf)
+            xf, xf if residual is None else residual, residual is not None, epilogue_floor(activation, dtype),
+            plane_size(geom), geom.kept, center, scale, shift, yf)
 
 
 def _backward_apply_kernel(dyf, xf, dxf, geom, dtype, stream, center, dy_scale, x_scale, shift):
@@ -231,14 +239,30 @@ def _backward_apply_kernel(dyf, xf, dxf, geom, dtype, stream, center, dy_scale, 
 
 
 @_on_device_of(lambda x, *rest: x)
-def apply(x, coefficients, geom, out):
-    """``y = (x - center) * scale + shift`` per channel; ``out`` when given."""
+def apply(x, coefficients, geom, out, residual=None, activation=None):
+    """``y = activation((x - center) * scale + shift + residual)`` per channel; ``out``
+    when given (``residual`` and ``activation``, None or "relu", optional)."""
     caller, stream, x = x, streams.for_array(x), as_numba(x)
     xf = views.kernel_input(x, geom, stream, caller)
-    native, target = views.output_target(as_numba(out), (xf,), geom, x.dtype, caller, stream)
+    rf = None if residual is None else views.kernel_input(as_numba(residual), geom, stream, caller)
+    inputs = (xf,) if rf is None else (xf, rf)
+    native, target = views.output_target(as_numba(out), inputs, geom, x.dtype, caller, stream)
     c = coefficients
-    _apply_kernel(xf, target, geom, x.dtype, stream, *_numba(c.center, c.scale, c.shift))
+    _apply_kernel(xf, target, geom, x.dtype, stream, *_numba(c.center, c.scale, c.shift), residual=rf,
+                  activation=activation)
     return views.finish_output(native, target, out, geom, stream)
+
+
+@_on_device_of(lambda dy, *rest: dy)
+def relu_mask(dy, y, geom):
+    """``g = 0 where y <= 0 else dy`` (the ReLU's backward), a new array like ``dy`` in
+    the kernels' order: one elementwise pass, after which the batch-norm backward runs on ``g``."""
+    caller, stream = dy, streams.for_array(dy)
+    dy, y = _numba(dy, y)
+    dyf, yf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(y, geom, stream, caller)
+    native, target = views.new_output(caller, geom, dy.dtype, stream)
+    _launch(elementwise_kernels(dy.dtype).relu_mask, elementwise_grid(dyf.size), stream, dyf, yf, target)
+    return native
 
 
 # --------------------------------------------------------------------------- backward

@@ -4,6 +4,10 @@
   ``torch.nn`` classes with the same constructor, attributes and ``state_dict``; only the
   forward and backward computations are replaced;
 - :func:`convert`: swaps every ``torch.nn.BatchNorm1d/2d/3d`` in a model for these;
+- :class:`BatchNormAct1d`, :class:`BatchNormAct2d`, :class:`BatchNormAct3d`:
+  ``relu(bn(x) + residual)`` with the add and ReLU fused into fastbn's passes;
+  :func:`fuse` rewrites BatchNorm -> [add ->] ReLU chains of a model into them, and
+  :func:`fold` folds eval batch norms into the preceding Conv/Linear (``torch.fx``);
 - :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`: batch statistics over every rank
   of a ``torch.distributed`` process group (CPU tensors with gloo too), see
   :mod:`fastbn.distributed`.
@@ -31,15 +35,19 @@ formula, forward-over-reverse included; see :mod:`fastbn.torch._ops_autograd`.
 This is the only part of fastbn that imports torch; ``import fastbn`` never does.
 """
 
+from ._act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from ._batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+from ._fuse import fold, fuse
 from ._sync import SyncBatchNorm, convert_sync_batchnorm
 from ._norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "convert_sync_batchnorm",
-           "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm"]
+           "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm",
+           "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "fuse", "fold"]
 
 # Public path in reprs and pickles (torch.save of a whole model), not the private module.
 for _public in (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert, convert_sync_batchnorm,
-                GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm):
+                GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm,
+                BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fuse, fold):
     _public.__module__ = __name__
 del _public
