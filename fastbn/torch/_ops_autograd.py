@@ -56,6 +56,9 @@ def _forward_setup_context(ctx, inputs, output):
     x, weight, bias, _, _, training, _, _ = inputs
     _, mean, invstd, _, _ = output
     ctx.save_for_backward(x, weight, mean, invstd)
+    # Unused outputs (save_mean, save_invstd: nearly always) get None, not zeros that
+    # would cost _stats_vjp several passes over x.
+    ctx.set_materialize_grads(False)
     ctx.training = training
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
