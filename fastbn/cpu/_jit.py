@@ -142,13 +142,6 @@ def serial_kernel(fn):
     return _njit(fn, nogil=True)
 
 
-def serial_reduction(fn):
-    """Compile ``fn`` as a single-threaded reduction kernel that releases the GIL, with the
-    parallel kernels' fast-math (reassociation lets LLVM vectorize a sum; NaN and Inf keep
-    their meaning).  For sums over data, not for the per-channel algebra (serial_kernel)."""
-    return _njit(fn, nogil=True, fastmath=set(FASTMATH))
-
-
 def inline_helper(fn):
     """Compile a small scalar helper that is inlined into the kernels calling it."""
     return _njit(fn, nogil=True, inline="always", fastmath=set(FASTMATH))

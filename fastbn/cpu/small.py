@@ -13,53 +13,47 @@ import numpy as np
 
 from ..algebra import shifted_moments
 from .epilogue import masked
-from ._jit import serial_kernel, serial_reduction
+from ._jit import serial_kernel
 
 #: Tensors with at most this many values run serially.
 SMALL_SIZE = 1 << 15
 
 
-@serial_reduction
+@serial_kernel
 def small_moments(x3, count, mean, m2):
     """Per-kept-index (count, mean, M2) of x3 (outer, kept, inner), float64 outputs (kept,).
 
-    Rows (``inner == 1``) are read as C-contiguous (outer, kept) rows, so the kept loop
-    vectorizes (a strided view of a 3-D array ran scalar, ~3x slower); planes sum with
-    reassociation (vectorized).
+    Read as C-contiguous rows of ``kept * inner`` columns, each column summing its own
+    shifted values (the loop over columns vectorizes without reassociation; a 3-D
+    strided view ran scalar, ~3x slower), then each kept index adds its ``inner``
+    columns in order.  Strict IEEE arithmetic in a fixed order: a reassociated sum would
+    vectorize differently where LLVM inlines it (the one-call passes of
+    :mod:`fastbn.cpu.fused`), and they must equal the stages bit for bit.
     """
     outer, kept, inner = x3.shape
+    x2 = x3.reshape(outer, kept * inner)
     pivot = np.empty(kept)
-    s1 = np.zeros(kept)
-    s2 = np.zeros(kept)
-    if inner == 1:
-        x2 = x3.reshape(outer, kept)
-        for k in range(kept):
-            pivot[k] = x2[0, k]
-        for o in range(outer):
-            row = x2[o]
-            for k in range(kept):
-                d = np.float64(row[k]) - pivot[k]
-                s1[k] += d
-                s2[k] += d * d
-    else:
-        for k in range(kept):
-            pivot[k] = x3[0, k, 0]
-        for o in range(outer):
-            for k in range(kept):
-                plane = x3[o, k]
-                p = pivot[k]
-                a = 0.0
-                b = 0.0
-                for i in range(inner):
-                    d = np.float64(plane[i]) - p
-                    a += d
-                    b += d * d
-                s1[k] += a
-                s2[k] += b
+    column_pivot = np.empty(kept * inner)
+    for k in range(kept):
+        pivot[k] = x2[0, k * inner]
+        column_pivot[k * inner:(k + 1) * inner] = pivot[k]
+    s1 = np.zeros(kept * inner)
+    s2 = np.zeros(kept * inner)
+    for o in range(outer):
+        row = x2[o]
+        for j in range(row.size):
+            d = np.float64(row[j]) - column_pivot[j]
+            s1[j] += d
+            s2[j] += d * d
     n = outer * inner
     for k in range(kept):
+        a = 0.0
+        b = 0.0
+        for j in range(k * inner, (k + 1) * inner):  # each kept index's columns, in order
+            a += s1[j]
+            b += s2[j]
         count[k] = n
-        mean[k], m2[k] = shifted_moments(pivot[k], s1[k], s2[k], n)
+        mean[k], m2[k] = shifted_moments(pivot[k], a, b, n)
 
 
 @serial_kernel
@@ -98,55 +92,45 @@ def small_apply(x3, residual3, center, scale, shift, floor, y3):
                     ys[i] = max((xs[i] - m) * a + s, floor)
 
 
-@serial_reduction
+@serial_kernel
 def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
     """Per-kept-index count, sum(g) and sum(g * (x - mean)), float64 outputs (kept,);
-    ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not None."""
+    ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not None.  Column sums
+    folded per kept index, as :func:`small_moments`."""
     outer, kept, inner = x3.shape
     zero = np.zeros(1, dy3.dtype)[0]
+    cols = kept * inner
+    x2 = x3.reshape(outer, cols)
+    g2 = dy3.reshape(outer, cols)
+    column_mean = np.empty(cols)
     for k in range(kept):
+        column_mean[k * inner:(k + 1) * inner] = np.float64(mean[k])
+    s1 = np.zeros(cols)
+    s2 = np.zeros(cols)
+    if y3 is not None:
+        y2 = y3.reshape(outer, cols)
+        for o in range(outer):
+            xr, gr, yr = x2[o], g2[o], y2[o]
+            for j in range(cols):
+                g = np.float64(masked(gr[j], yr[j], zero))
+                s1[j] += g
+                s2[j] += g * (np.float64(xr[j]) - column_mean[j])
+    else:
+        for o in range(outer):
+            xr, gr = x2[o], g2[o]
+            for j in range(cols):
+                g = np.float64(gr[j])
+                s1[j] += g
+                s2[j] += g * (np.float64(xr[j]) - column_mean[j])
+    for k in range(kept):
+        a = 0.0
+        b = 0.0
+        for j in range(k * inner, (k + 1) * inner):  # each kept index's columns, in order
+            a += s1[j]
+            b += s2[j]
         count[k] = outer * inner
-        sum_dy[k] = 0.0
-        sum_dy_xmu[k] = 0.0
-    if inner == 1:
-        x2 = x3.reshape(outer, kept)
-        g2 = dy3.reshape(outer, kept)
-        if y3 is not None:
-            y2 = y3.reshape(outer, kept)
-            for o in range(outer):
-                xr, gr, yr = x2[o], g2[o], y2[o]
-                for k in range(kept):
-                    g = np.float64(masked(gr[k], yr[k], zero))
-                    sum_dy[k] += g
-                    sum_dy_xmu[k] += g * (np.float64(xr[k]) - mean[k])
-        else:
-            for o in range(outer):
-                xr, gr = x2[o], g2[o]
-                for k in range(kept):
-                    g = np.float64(gr[k])
-                    sum_dy[k] += g
-                    sum_dy_xmu[k] += g * (np.float64(xr[k]) - mean[k])
-        return
-    for o in range(outer):
-        for k in range(kept):
-            xs = x3[o, k]
-            gs = dy3[o, k]
-            m = np.float64(mean[k])
-            a = 0.0
-            b = 0.0
-            if y3 is not None:
-                ms = y3[o, k]
-                for i in range(inner):
-                    g = np.float64(masked(gs[i], ms[i], zero))
-                    a += g
-                    b += g * (np.float64(xs[i]) - m)
-            else:
-                for i in range(inner):
-                    g = np.float64(gs[i])
-                    a += g
-                    b += g * (np.float64(xs[i]) - m)
-            sum_dy[k] += a
-            sum_dy_xmu[k] += b
+        sum_dy[k] = a
+        sum_dy_xmu[k] = b
 
 
 @serial_kernel
