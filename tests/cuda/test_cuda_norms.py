@@ -1,6 +1,7 @@
-"""Layer, group and instance norm with CUDA device arrays: not implemented on the GPU
-yet, so every public function refuses them with a TypeError naming the argument (never
-a silent host round trip, never a Numba traceback), before anything is written."""
+"""Layer, group and instance norm with CUDA device arrays (numba's simulator here, a GPU
+where there is one): forward and backward on the device, against the float64 reference
+of :mod:`fastbn.reference`, in both layouts; results are device arrays.  Shapes are tiny
+(the simulator runs every thread as Python)."""
 
 import numba
 import numpy as np
@@ -13,21 +14,109 @@ if not (SIMULATOR or cuda.is_available()):
                 allow_module_level=True)
 
 import fastbn  # noqa: E402
+from fastbn import reference  # noqa: E402
+from fastbn.cuda import launch_config  # noqa: E402
+from _norms_helpers import assert_close_to_reference, channels_last  # noqa: E402
+
+is_device = cuda.devicearray.is_cuda_ndarray
 
 
-@pytest.mark.parametrize("call", [
-    lambda x, v: fastbn.layer_norm(x, 3),
-    lambda x, v: fastbn.group_norm(x, 2),
-    lambda x, v: fastbn.group_norm_backward(x, x, 2, v, v),
-    lambda x, v: fastbn.instance_norm(x),
-])
-def test_device_arrays_are_refused(call):
-    x = cuda.to_device(np.ones((2, 4, 3), np.float32))
-    v = cuda.to_device(np.ones((2, 2)))
-    with pytest.raises(TypeError, match=r"^(x|dy): expected a numpy.ndarray .*CPU only"):
-        call(x, v)
+@pytest.fixture(autouse=True)
+def one_warp_blocks():
+    """Blocks of one warp: every kernel path is the same, and the simulator, which runs
+    each thread as Python, is several times faster than with 256-thread blocks."""
+    with launch_config.override(threads_per_block=32):
+        yield
+
+
+def _host(*arrays):
+    return [a.copy_to_host() for a in arrays]
+
+
+def _device(*arrays):
+    return [None if a is None else cuda.to_device(a) for a in arrays]
+
+
+def _offset(dtype):
+    """1e4 for float32 (the stable statistics' case); none for float64, whose
+    elementwise tolerance (a few ulps of |x|) a 1e4 offset's conditioning of dx exceeds."""
+    return 1e4 if dtype == np.float32 else 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_group_norm_forward_backward(dtype, layout):
+    rng = np.random.default_rng(3)
+    x = (_offset(dtype) + rng.standard_normal((2, 4, 3, 2))).astype(dtype)
+    x[1, 2:] = 7.0  # a constant group
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    weight, bias = rng.standard_normal((2, 4)).astype(dtype)
+    if layout == "NHWC":
+        x, dy = channels_last(x), channels_last(dy)
+    args = dict(layout=layout)
+    want = reference.group_norm_forward(x, 2, weight, bias, 1e-5, **args)
+    got = fastbn.group_norm_forward(*_device(x), 2, *_device(weight, bias), 1e-5, **args)
+    assert all(is_device(a) for a in got)
+    assert_close_to_reference(_host(*got), want, dtype, 12)
+    want_grads = reference.group_norm_backward(dy, x, 2, want[1], want[2], weight, **args)
+    grads = fastbn.group_norm_backward(*_device(dy, x), 2, *got[1:], cuda.to_device(weight), **args)
+    assert all(is_device(a) for a in grads)
+    assert_close_to_reference(_host(*grads), want_grads, dtype, 12)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_instance_norm_running_statistics(layout):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32) * 3 + 2
+    x[0, 1] = -1.5  # a constant instance
+    if layout == "NHWC":
+        x = channels_last(x)
+    running = np.array([0.5, -1.0], np.float32), np.array([2.0, 0.25], np.float32)
+    want_running = [r.copy() for r in running]
+    want = reference.instance_norm(x, *want_running, momentum=0.3, layout=layout)
+    device_running = _device(*running)
+    y = fastbn.instance_norm(cuda.to_device(x), *device_running, momentum=0.3, layout=layout)
+    assert is_device(y)
+    assert_close_to_reference([y.copy_to_host()], [want], np.float32, 4)
+    for got, expected in zip(_host(*device_running), want_running):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_norm_forward_backward(dtype):
+    rng = np.random.default_rng(5)
+    x = (_offset(dtype) + rng.standard_normal((3, 2, 5))).astype(dtype)
+    x[1, 0] = 2.0  # a constant row
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    weight, bias = rng.standard_normal((2, 5, 5)).astype(dtype)[:, 0]
+    want = reference.layer_norm_forward(x, 5, weight, bias)
+    got = fastbn.layer_norm_forward(*_device(x), 5, *_device(weight, bias))
+    assert all(is_device(a) for a in got) and got[1].shape == (3, 2)
+    assert_close_to_reference(_host(*got), want, dtype, 5)
+    want_grads = reference.layer_norm_backward(dy, x, 5, want[1], want[2], weight)
+    grads = fastbn.layer_norm_backward(*_device(dy, x), 5, *got[1:], cuda.to_device(weight))
+    assert_close_to_reference(_host(*grads), want_grads, dtype, 6)
+
+
+def test_layer_norm_two_axes_without_affine_into_out():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    want = reference.layer_norm_forward(x, (3, 4))
+    out = cuda.device_array_like(x)
+    got = fastbn.layer_norm_forward(cuda.to_device(x), (3, 4), out=out)
+    assert got[0] is out
+    assert_close_to_reference(_host(*got), want, np.float32, 12)
+    want_grads = reference.layer_norm_backward(dy, x, (3, 4), want[1], want[2])
+    grads = fastbn.layer_norm_backward(*_device(dy, x), (3, 4), *got[1:])
+    assert_close_to_reference(_host(*grads), want_grads, np.float32, 12)
 
 
 def test_host_array_with_device_weight_is_refused():
     with pytest.raises(TypeError, match="^weight: expected a numpy.ndarray"):
         fastbn.group_norm(np.ones((2, 4, 3), np.float32), 2, cuda.to_device(np.ones(4, np.float32)))
+
+
+def test_bad_groups_on_device_name_the_argument():
+    with pytest.raises(ValueError, match="^num_groups: expected a positive divisor"):
+        fastbn.group_norm(cuda.to_device(np.ones((2, 4, 3), np.float32)), 3)
