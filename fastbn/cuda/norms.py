@@ -191,7 +191,7 @@ def layer_backward(dy, x, num_normalized, mean, invstd, weight, out, dtype):
         num_rows, width = geom.kept, geom.inner
         columns = _column_geometry(num_rows, width, a.dtype.itemsize)
         a, g = as_numba(stages.as_dense(a, geom)), as_numba(stages.as_dense(g, geom))
-        a2, g2 = _rows_view(a, num_rows, width), _rows_view(g, num_rows, width)
+        g2 = _rows_view(g, num_rows, width)
         row_mean, row_invstd = _vector(mean, stream), _vector(invstd, stream)
         big = dtypes.largest(policy.compute)
         # dx: the batch-norm backward per row of g = dy * weight[k].
