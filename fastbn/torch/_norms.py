@@ -1,5 +1,7 @@
 """Layer, group and instance norm as PyTorch operators and ``torch.nn`` modules on
-fastbn kernels (CPU tensors; see :mod:`fastbn.norms`).
+fastbn kernels (CPU tensors, and CUDA tensors on :mod:`fastbn.cuda.norms`; see
+:mod:`fastbn.norms`).  Every operator has a fake kernel, so ``torch.compile(fullgraph=True)``
+and ``torch.export`` trace them without graph breaks.
 
 Operators: ``fastbn::layer_norm`` / ``fastbn::layer_norm_backward`` and
 ``fastbn::group_norm`` / ``fastbn::group_norm_backward`` (instance norm is group norm
@@ -94,6 +96,37 @@ def group_norm_backward_op(dy: Tensor, x: Tensor, num_groups: int, mean: Tensor,
                                _as_fastbn_array(mean), _as_fastbn_array(invstd), _as_fastbn_array(weight),
                                layout="NHWC" if last else "NCHW")
     return _from_fastbn(dx, x, last), _as_tensor(dweight, x.device), _as_tensor(dbias, x.device)
+
+
+# Fake kernels: output metadata for torch.compile / torch.export (no data touched).
+# Saved statistics are float64, results have ``torch.empty_like(x)``'s strides (what
+# the operators return, see ``_like``), parameter gradients the parameters' shape.
+
+@layer_norm_op.register_fake
+def _layer_norm_fake(x, normalized_shape, weight, bias, eps):
+    lead = x.shape[:x.dim() - len(normalized_shape)]
+    return torch.empty_like(x), x.new_empty(lead, dtype=torch.float64), x.new_empty(lead, dtype=torch.float64)
+
+
+@layer_norm_backward_op.register_fake
+def _layer_norm_backward_fake(dy, x, normalized_shape, mean, invstd, weight):
+    return torch.empty_like(x), x.new_empty(tuple(normalized_shape)), x.new_empty(tuple(normalized_shape))
+
+
+@group_norm_op.register_fake
+def _group_norm_fake(x, num_groups, weight, bias, running_mean, running_var, momentum, eps):
+    statistics = (x.shape[0], num_groups)
+    if running_mean is None:
+        new_mean, new_var = x.new_empty((0,)), x.new_empty((0,))
+    else:
+        new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
+    return (torch.empty_like(x), x.new_empty(statistics, dtype=torch.float64),
+            x.new_empty(statistics, dtype=torch.float64), new_mean, new_var)
+
+
+@group_norm_backward_op.register_fake
+def _group_norm_backward_fake(dy, x, num_groups, mean, invstd, weight):
+    return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
 
 
 def _layer_setup(ctx, inputs, output):
