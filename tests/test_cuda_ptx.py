@@ -184,8 +184,9 @@ def test_norm_kernels_compile_to_ptx(compile_ptx, dtype):
 
     p = policy(dtype)
     f64, parameters, vector = _vector(np.float64), _vector(p.parameters), _vector(p.compute)
+    saved = _vector(p.statistics)
     compile_ptx(groups.group_forward_coefficients, f64, f64, f64, 2, parameters, parameters, True, False, 1e-5,
-                1e38, f64, f64, f64, f64, vector, vector, vector)
+                1e38, f64, f64, saved, saved, vector, vector, vector)
     compile_ptx(groups.instance_running_update, f64, f64, f64, 0.1, f64, f64, parameters, parameters)
     compile_ptx(groups.column_coefficients, parameters, parameters, True, False, vector, vector, vector)
     compile_ptx(groups.column_gradients, f64, f64, parameters, parameters)

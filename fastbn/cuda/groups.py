@@ -25,7 +25,7 @@ def group_forward_coefficients(count, mean, m2, group_size, weight, bias, use_we
 
     count, mean, m2: (N * C,) float64 per-(n, c) moments; weight, bias: (C,);
     channel_mean, channel_invstd: (N * C,) float64 scratch; save_mean, save_invstd:
-    (N * G,) float64 outputs; center, scale, shift: (N * C,) in the compute dtype (largest
+    (N * G,) outputs in the statistics dtype; center, scale, shift: (N * C,) in the compute dtype (largest
     finite value ``big``).
     """
     i = cuda.grid(1)

@@ -67,7 +67,8 @@ def _output(caller, out, layout, dtype, stream):
 
 def group_forward(x, num_groups, weight, bias, eps, running_mean, running_var, momentum, layout, out, dtype):
     """``(y, mean, invstd)`` of group norm (instance norm: ``num_groups == C``; the
-    running statistics updated in place as PyTorch does), mean and invstd float64 (N, G)."""
+    running statistics updated in place as PyTorch does), mean and invstd (N, G) in the
+    statistics dtype (float64; float32 for float16 storage, as batch norm)."""
     with streams.on_device_of(x):
         return _group_forward(x, num_groups, weight, bias, eps, running_mean, running_var, momentum, layout, out,
                               dtype)
@@ -81,7 +82,7 @@ def _group_forward(x, num_groups, weight, bias, eps, running_mean, running_var, 
     num_n, num_c = xc.shape[0], xc.shape[1]
     size = num_n * num_c
     m = stages.moments(xc, geom)
-    statistics = tuple(empty(x, (num_n, num_groups), FLOAT64, stream=stream) for _ in range(2))
+    statistics = tuple(empty(x, (num_n, num_groups), policy.statistics, stream=stream) for _ in range(2))
     save_mean, save_invstd = (flat(as_numba(v)) for v in statistics)
     channel_mean, channel_invstd = _scratch(x, stream, "channel", (2, size), FLOAT64)
     center, scale, shift = _scratch(x, stream, "coefficients", (3, size), policy.compute)
@@ -156,7 +157,7 @@ def _column_coefficients(caller, stream, weight, bias, width, policy):
 
 def layer_forward(x, num_normalized, weight, bias, eps, out, dtype):
     """``(y, mean, invstd)`` of layer norm over the trailing ``num_normalized`` axes;
-    mean and invstd float64 of shape ``x.shape[:-num_normalized]``."""
+    mean and invstd of shape ``x.shape[:-num_normalized]`` in the statistics dtype."""
     with streams.on_device_of(x):
         policy = dtypes.policy(dtype)
         stream = streams.for_array(x)

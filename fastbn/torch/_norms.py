@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import norms
-from ._ops import _as_fastbn_array, _as_tensor, _like, _reraise_as_torch
+from ._ops import _as_fastbn_array, _as_tensor, _like, _reraise_as_torch, _statistics_dtype
 
 
 def _channel_last(x):
@@ -99,13 +99,14 @@ def group_norm_backward_op(dy: Tensor, x: Tensor, num_groups: int, mean: Tensor,
 
 
 # Fake kernels: output metadata for torch.compile / torch.export (no data touched).
-# Saved statistics are float64, results have ``torch.empty_like(x)``'s strides (what
+# Saved statistics are float64 (float32 for float16 CUDA tensors), results have ``torch.empty_like(x)``'s strides (what
 # the operators return, see ``_like``), parameter gradients the parameters' shape.
 
 @layer_norm_op.register_fake
 def _layer_norm_fake(x, normalized_shape, weight, bias, eps):
     lead = x.shape[:x.dim() - len(normalized_shape)]
-    return torch.empty_like(x), x.new_empty(lead, dtype=torch.float64), x.new_empty(lead, dtype=torch.float64)
+    dtype = _statistics_dtype(x)
+    return torch.empty_like(x), x.new_empty(lead, dtype=dtype), x.new_empty(lead, dtype=dtype)
 
 
 @layer_norm_backward_op.register_fake
@@ -120,8 +121,9 @@ def _group_norm_fake(x, num_groups, weight, bias, running_mean, running_var, mom
         new_mean, new_var = x.new_empty((0,)), x.new_empty((0,))
     else:
         new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
-    return (torch.empty_like(x), x.new_empty(statistics, dtype=torch.float64),
-            x.new_empty(statistics, dtype=torch.float64), new_mean, new_var)
+    dtype = _statistics_dtype(x)
+    return (torch.empty_like(x), x.new_empty(statistics, dtype=dtype), x.new_empty(statistics, dtype=dtype),
+            new_mean, new_var)
 
 
 @group_norm_backward_op.register_fake

@@ -112,6 +112,31 @@ def test_layer_norm_two_axes_without_affine_into_out():
     assert_close_to_reference(_host(*grads), want_grads, np.float32, 12)
 
 
+def test_float16_storage():
+    """float16 data computes in float32 with float32 parameters and saved statistics
+    (fastbn.dtypes); compared with the float64 reference at float16's resolution."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 4, 3, 2)).astype(np.float16)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    weight, bias = rng.standard_normal((2, 4)).astype(np.float32)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    cases = [(fastbn.group_norm_forward, fastbn.group_norm_backward, reference.group_norm_forward,
+              reference.group_norm_backward, 2, x, dy, x64, dy64),
+             (fastbn.layer_norm_forward, fastbn.layer_norm_backward, reference.layer_norm_forward,
+              reference.layer_norm_backward, 4, x.reshape(12, 4), dy.reshape(12, 4), x64.reshape(12, 4),
+              dy64.reshape(12, 4))]
+    for forward, backward, forward_ref, backward_ref, arg, xh, dyh, xr, dyr in cases:
+        got = forward(cuda.to_device(xh), arg, *_device(weight, bias))
+        assert got[0].dtype == np.float16 and got[1].dtype == got[2].dtype == np.float32
+        want = forward_ref(xr, arg, weight.astype(np.float64), bias.astype(np.float64))
+        for a, b in zip(_host(*got), want):
+            np.testing.assert_allclose(a.astype(np.float64), b, rtol=0, atol=8 * 2.0 ** -11 * np.abs(b).max())
+        grads = backward(*_device(dyh, xh), arg, *got[1:], cuda.to_device(weight))
+        want = backward_ref(dyr, xr, arg, want[1], want[2], weight.astype(np.float64))
+        for a, b in zip(_host(*grads), want):
+            np.testing.assert_allclose(a.astype(np.float64), b, rtol=0, atol=16 * 2.0 ** -11 * np.abs(b).max())
+
+
 def test_host_array_with_device_weight_is_refused():
     with pytest.raises(TypeError, match="^weight: expected a numpy.ndarray"):
         fastbn.group_norm(np.ones((2, 4, 3), np.float32), 2, cuda.to_device(np.ones(4, np.float32)))
