@@ -43,8 +43,7 @@ def _offset(dtype):
     return 1e4 if dtype == np.float32 else 0.0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype, layout", [(np.float32, "NCHW"), (np.float32, "NHWC"), (np.float64, "NCHW")])
 def test_group_norm_forward_backward(dtype, layout):
     rng = np.random.default_rng(3)
     x = (_offset(dtype) + rng.standard_normal((2, 4, 3, 2))).astype(dtype)
@@ -110,6 +109,31 @@ def test_layer_norm_two_axes_without_affine_into_out():
     want_grads = reference.layer_norm_backward(dy, x, (3, 4), want[1], want[2])
     grads = fastbn.layer_norm_backward(*_device(dy, x), (3, 4), *got[1:])
     assert_close_to_reference(_host(*grads), want_grads, np.float32, 12)
+
+
+@pytest.mark.parametrize("shape, layout", [((3, 4), "NCHW"), ((2, 4, 2, 1, 3), "NHWC")])
+def test_group_norm_other_ranks_into_out(shape, layout):
+    """Rank 2 (one value per (n, c): S = 1) and rank 5 channel-last, written into ``out``;
+    the inputs are left as they were."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(shape)
+    if layout == "NHWC":
+        x = channels_last(x)
+    dy = rng.standard_normal(x.shape)
+    weight = rng.standard_normal(4)
+    xd, dyd = _device(x, dy)
+    out = cuda.device_array_like(x)
+    want = reference.group_norm_forward(x, 2, weight, None, layout=layout)
+    got = fastbn.group_norm_forward(xd, 2, cuda.to_device(weight), layout=layout, out=out)
+    assert got[0] is out
+    assert_close_to_reference(_host(*got), want, np.float64, 2)
+    dx_out = cuda.device_array_like(x)
+    grads = fastbn.group_norm_backward(dyd, xd, 2, *got[1:], layout=layout, out=dx_out)
+    assert grads[0] is dx_out
+    assert_close_to_reference(_host(*grads), reference.group_norm_backward(dy, x, 2, want[1], want[2],
+                                                                           layout=layout), np.float64, 2)
+    np.testing.assert_array_equal(xd.copy_to_host(), x)
+    np.testing.assert_array_equal(dyd.copy_to_host(), dy)
 
 
 def test_float16_storage():
