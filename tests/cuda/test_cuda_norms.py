@@ -113,8 +113,8 @@ def test_layer_norm_two_axes_without_affine_into_out():
 
 @pytest.mark.parametrize("shape, layout", [((3, 4), "NCHW"), ((2, 4, 2, 1, 3), "NHWC")])
 def test_group_norm_other_ranks_into_out(shape, layout):
-    """Rank 2 (one value per (n, c): S = 1) and rank 5 channel-last, written into ``out``;
-    the inputs are left as they were."""
+    """Rank 2 (one value per (n, c): S = 1) and rank 5 channel-last, written into
+    ``out``; the inputs are left as they were."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal(shape)
     if layout == "NHWC":
@@ -130,8 +130,13 @@ def test_group_norm_other_ranks_into_out(shape, layout):
     dx_out = cuda.device_array_like(x)
     grads = fastbn.group_norm_backward(dyd, xd, 2, *got[1:], layout=layout, out=dx_out)
     assert grads[0] is dx_out
-    assert_close_to_reference(_host(*grads), reference.group_norm_backward(dy, x, 2, want[1], want[2],
-                                                                           layout=layout), np.float64, 2)
+    want_grads = reference.group_norm_backward(dy, x, 2, want[1], want[2], layout=layout)
+    # dx of a group of 2 values cancels terms of size |dy| * invstd down to a small
+    # result: the bound is a few roundings of those terms, not of the result.
+    terms = np.abs(dy).max() * want[2].max()
+    np.testing.assert_allclose(grads[0].copy_to_host(), want_grads[0], rtol=0, atol=16 * np.finfo(float).eps * terms)
+    for got_grad, want_grad in zip(_host(*grads[1:]), want_grads[1:]):
+        np.testing.assert_allclose(got_grad, want_grad, rtol=0, atol=1e-13 * np.abs(want_grad).max())
     np.testing.assert_array_equal(xd.copy_to_host(), x)
     np.testing.assert_array_equal(dyd.copy_to_host(), dy)
 
