@@ -164,7 +164,7 @@ group_norm_op.register_autograd(_group_backward, setup_context=_group_setup)
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` on fastbn kernels (float32/float64 CPU tensors of any rank
+    """``torch.nn.LayerNorm`` on fastbn kernels (float32/float64 CPU or CUDA tensors of any rank
     whose trailing dimensions are ``normalized_shape``)."""
 
     def forward(self, input: Tensor) -> Tensor:
