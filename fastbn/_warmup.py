@@ -11,8 +11,8 @@ from fastbn import bench as fbench
 from fastbn.cpu import small
 
 WARMUP_DOC = """Compile every public CPU pass of fastbn (batch statistics, moments, training and
-eval forward with and without running statistics and affine parameters, backward) for the
-named dtypes and layouts, on tensors of rank 2 to 5, so that later processes load the
+eval forward with and without running statistics and affine parameters, backward; layer,
+group and instance norm forward and backward) for the named dtypes and layouts, on tensors of rank 2 to 5, so that later processes load the
 kernels from Numba's disk cache instead of compiling them.  A second round compiles the
 parallel kernels that tensors above fastbn.cpu.small.SMALL_SIZE values run.
 Prints where the cache lives and how long each part took."""
@@ -54,6 +54,21 @@ def warmup_calls(dtype, layout):
                                       layout=layout)
             fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout)
             fastbn.batch_norm_backward(dy, x, mean, invstd, weight, layout=layout, out=np.empty_like(x))
+        norm_warmup_calls(x, dy, w, b, rm, rv, layout)
+
+
+def norm_warmup_calls(x, dy, weight, bias, running_mean, running_var, layout):
+    """Layer, group and instance norm forward and backward once on ``x`` (C even) in
+    ``layout``: every kernel signature :mod:`fastbn.cpu.norms` launches (absent affine
+    parameters are placeholders of the same types, so one call with them covers both)."""
+    y, mean, invstd = fastbn.group_norm_forward(x, 2, weight, bias, layout=layout)
+    fastbn.group_norm_backward(dy, x, 2, mean, invstd, weight, layout=layout)
+    if x.ndim > 2:
+        fastbn.instance_norm(x, running_mean.copy(), running_var.copy(), weight, bias, layout=layout)
+    if layout == "NCHW":  # layer norm has no layout: one round
+        shape = x.shape[-1:]
+        y, mean, invstd = fastbn.layer_norm_forward(x, shape, np.ones(shape, x.dtype), np.zeros(shape, x.dtype))
+        fastbn.layer_norm_backward(dy, x, shape, mean, invstd, np.ones(shape, x.dtype))
 
 
 def warmup_main(args):

@@ -9,25 +9,29 @@ float64 and statistics are float64).  Shapes: group and instance norm take ``x``
 without a transpose copy; layer norm takes ``x`` of rank 2-5 and normalizes over its
 trailing ``normalized_shape``.
 
-These ops run on the CPU; CUDA device arrays are refused with a TypeError for now.
+Where the data lives picks the backend, as for batch norm (:func:`fastbn._dispatch.select_backend`):
+NumPy arrays run :mod:`fastbn.cpu.norms`, CUDA device arrays :mod:`fastbn.cuda.norms`
+(imported on the first device array), with results of the caller's kind.
 """
 
+import math
 import numbers
 
 import numpy as np
 
 from . import _checks
 from ._api import _param_dtype, batch_norm_forward
-from ._dispatch import is_device_array, select_backend
+from ._dispatch import select_backend
 from .cpu import norms as _cpu
 
 
-def _host(arrays):
-    for name, a in arrays.items():
-        if a is not None and is_device_array(a):
-            raise TypeError(f"{name}: expected a numpy.ndarray (layer, group and instance norm run on the CPU "
-                            f"only), got a CUDA device array {type(a).__name__}")
-    return select_backend(arrays)
+def _select(arrays):
+    """``(backend, module)``: the :class:`~fastbn._dispatch.Backend` of the arrays and its norms module."""
+    backend = select_backend(arrays)
+    if backend.name == "cpu":
+        return backend, _cpu
+    from .cuda import norms as _cuda  # lazy: only processes that pass device arrays import numba.cuda
+    return backend, _cuda
 
 
 def _normalized_shape(normalized_shape, x):
@@ -90,14 +94,14 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     Returns ``y`` like ``x``, and ``mean`` and ``invstd = 1 / sqrt(var + eps)`` (biased
     var), float64 of shape ``x.shape[:-len(normalized_shape)]``.
     """
-    backend = _host({"x": x, "weight": weight, "bias": bias, "out": out})
+    backend, module = _select({"x": x, "weight": weight, "bias": bias, "out": out})
     _checks.check_input(x, "x", backend.storage_dtypes)
     shape = _normalized_shape(normalized_shape, x)
     _check_affine(weight, "weight", shape, _param_dtype(x))
     _check_affine(bias, "bias", shape, _param_dtype(x))
     eps = _checks.check_scalar(eps, "eps", 0.0, np.inf, low_open=True)
-    _checks.check_out(out, "out", x.shape, x.dtype)
-    return _cpu.layer_forward(x, len(shape), weight, bias, eps, out, x.dtype)
+    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
+    return module.layer_forward(x, len(shape), weight, bias, eps, out, _checks.dtype_of(x))
 
 
 def layer_norm_backward(dy, x, normalized_shape, mean, invstd, weight=None, *, out=None):
@@ -110,13 +114,13 @@ def layer_norm_backward(dy, x, normalized_shape, mean, invstd, weight=None, *, o
     ``dx`` like ``x``; ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)`` over the
     leading axes, shaped ``normalized_shape`` in x's dtype (returned even without weight).
     """
-    backend = _host({"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "out": out})
+    backend, module = _select({"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "out": out})
     _check_pair(dy, x, backend)
     shape = _normalized_shape(normalized_shape, x)
     _check_statistics({"mean": mean, "invstd": invstd}, x.shape[:x.ndim - len(shape)], backend)
     _check_affine(weight, "weight", shape, _param_dtype(x))
-    _checks.check_out(out, "out", x.shape, x.dtype)
-    return _cpu.layer_backward(dy, x, len(shape), mean, invstd, weight, out, x.dtype)
+    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
+    return module.layer_backward(dy, x, len(shape), mean, invstd, weight, out, _checks.dtype_of(x))
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -151,7 +155,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, layou
 
     Returns ``y`` like ``x``, and ``mean``, ``invstd`` float64 (N, G).
     """
-    backend = _host({"x": x, "weight": weight, "bias": bias, "out": out})
+    backend, module = _select({"x": x, "weight": weight, "bias": bias, "out": out})
     _checks.check_layout(layout)
     _checks.check_input(x, "x", backend.storage_dtypes)
     num_channels = _num_channels(x, layout)
@@ -159,8 +163,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, layou
     _checks.check_channel_vector(weight, "weight", num_channels, _param_dtype(x))
     _checks.check_channel_vector(bias, "bias", num_channels, _param_dtype(x))
     eps = _checks.check_scalar(eps, "eps", 0.0, np.inf, low_open=True)
-    _checks.check_out(out, "out", x.shape, x.dtype)
-    return _cpu.group_forward(x, num_groups, weight, bias, eps, None, None, 0.0, layout, out, x.dtype)
+    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
+    return module.group_forward(x, num_groups, weight, bias, eps, None, None, 0.0, layout, out, _checks.dtype_of(x))
 
 
 def group_norm_backward(dy, x, num_groups, mean, invstd, weight=None, *, layout="NCHW", out=None):
@@ -170,15 +174,15 @@ def group_norm_backward(dy, x, num_groups, mean, invstd, weight=None, *, layout=
     from :func:`group_norm_forward`; weight : (C,) or None; out : optional array like x.
     ``dweight``, ``dbias`` are (C,) in x's dtype.
     """
-    backend = _host({"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "out": out})
+    backend, module = _select({"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "out": out})
     _checks.check_layout(layout)
     _check_pair(dy, x, backend)
     num_channels = _num_channels(x, layout)
     num_groups = _check_groups(num_groups, num_channels)
     _check_statistics({"mean": mean, "invstd": invstd}, (x.shape[0], num_groups), backend)
     _checks.check_channel_vector(weight, "weight", num_channels, _param_dtype(x))
-    _checks.check_out(out, "out", x.shape, x.dtype)
-    return _cpu.group_backward(dy, x, num_groups, mean, invstd, weight, layout, out, x.dtype)
+    _checks.check_out(out, "out", x.shape, _checks.dtype_of(x))
+    return module.group_backward(dy, x, num_groups, mean, invstd, weight, layout, out, _checks.dtype_of(x))
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW"):
@@ -211,11 +215,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 
 def _check_instance_input(x, arrays):
-    backend = _host(arrays)
+    backend, module = _select(arrays)
     _checks.check_input(x, "x", backend.storage_dtypes)
     if len(x.shape) < 3:
         raise ValueError(f"x: expected an array of rank 3 to 5 (instance norm needs a spatial axis), "
                          f"got shape {tuple(x.shape)}")
+    return module
 
 
 def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, bias=None, momentum=0.1,
@@ -223,8 +228,8 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     """Instance norm with the input's statistics (see :func:`instance_norm`); returns
     ``(y, mean, invstd)``, the statistics float64 (N, C): what
     :func:`group_norm_backward` with ``num_groups = C`` takes."""
-    _check_instance_input(x, {"x": x, "running_mean": running_mean, "running_var": running_var,
-                              "weight": weight, "bias": bias})
+    module = _check_instance_input(x, {"x": x, "running_mean": running_mean, "running_var": running_var,
+                                       "weight": weight, "bias": bias})
     _checks.check_layout(layout)
     num_channels = _num_channels(x, layout)
     _checks.check_channel_vector(weight, "weight", num_channels, _param_dtype(x))
@@ -232,8 +237,8 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     eps = _checks.check_scalar(eps, "eps", 0.0, np.inf, low_open=True)
     momentum = _checks.check_scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
     _checks.check_running_stats(running_mean, running_var, num_channels, _param_dtype(x), True)
-    if running_mean is not None and x.size // (x.shape[0] * num_channels) < 2:
+    if running_mean is not None and math.prod(x.shape) // (x.shape[0] * num_channels) < 2:
         raise ValueError(f"x: expected more than 1 spatial element per channel when updating running "
                          f"statistics, got shape {tuple(x.shape)}")
-    return _cpu.group_forward(x, num_channels, weight, bias, eps, running_mean, running_var, momentum, layout,
-                              None, x.dtype)
+    return module.group_forward(x, num_channels, weight, bias, eps, running_mean, running_var, momentum, layout,
+                                None, _checks.dtype_of(x))

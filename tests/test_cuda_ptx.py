@@ -176,3 +176,26 @@ def test_copy_and_zero_kernels_compile_to_ptx(compile_ptx, dtype):
     a = np.zeros((1, 2, 3, 4, 5), dtype)
     compile_ptx(copies.copy5, a, a)
     compile_ptx(workspace._zero, np.zeros(8, dtype))
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_norm_kernels_compile_to_ptx(compile_ptx, dtype):
+    """The per-index kernels of layer, group and instance norm (:mod:`fastbn.cuda.groups`),
+    with the argument dtypes :mod:`fastbn.cuda.norms` launches them with (saved
+    statistics from the caller: float32 or float64)."""
+    from fastbn.cuda import groups
+
+    p = policy(dtype)
+    f64, parameters, vector = _vector(np.float64), _vector(p.parameters), _vector(p.compute)
+    saved = _vector(p.statistics)
+    compile_ptx(groups.group_forward_coefficients, f64, f64, f64, 2, parameters, parameters, True, False, 1e-5,
+                1e38, f64, f64, saved, saved, vector, vector, vector)
+    compile_ptx(groups.instance_running_update, f64, f64, f64, 0.1, f64, f64, parameters, parameters)
+    compile_ptx(groups.column_coefficients, parameters, parameters, True, False, vector, vector, vector)
+    compile_ptx(groups.column_gradients, f64, f64, parameters, parameters)
+    for statistics in map(_vector, STATISTICS):
+        compile_ptx(groups.expand_groups, statistics, 2, f64)
+        compile_ptx(groups.group_backward_coefficients, 12.0, f64, f64, statistics, statistics, 2, parameters, True,
+                    1e38, vector, vector, vector, vector)
+        compile_ptx(groups.group_parameter_gradients, f64, f64, statistics, 2, f64, f64, parameters, parameters)
+        compile_ptx(groups.normalized_coefficients, statistics, statistics, 1e38, f64, f64, vector, vector, vector)

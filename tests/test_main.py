@@ -129,5 +129,7 @@ def test_warmup_fills_the_disk_cache(tmp_path):
     assert f"NUMBA_CACHE_DIR: {tmp_path}" in result.stdout
     index_files = list(tmp_path.rglob("*.nbi"))
     assert index_files and list(tmp_path.rglob("*.nbc"))
+    kernels = {path.name.partition("-")[0] for path in index_files}
+    assert {"layer.layer_forward", "layer.layer_backward", "groups.group_forward_coefficients"} <= kernels
     cache_line = next(line for line in result.stdout.splitlines() if line.startswith("cache: "))
     assert str(tmp_path) in cache_line

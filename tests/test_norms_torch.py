@@ -113,3 +113,31 @@ def test_bad_input_is_torch_error_class():
         torch.ops.fastbn.group_norm(torch.zeros(2, 4, 3), 3, None, None, None, None, 0.0, 1e-5)
     with pytest.raises(RuntimeError, match="x: expected dtype"):
         fbt.LayerNorm(3)(torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_compile_fullgraph_without_graph_breaks():
+    """torch.compile sees the norm operators through their fake kernels: one graph, no
+    breaks, values, gradients and running statistics as in eager mode."""
+    torch.manual_seed(0)
+    nn = torch.nn
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True,
+                             track_running_stats=True), nn.LayerNorm(5)).double()
+
+    eager, compiled_model = fbt.convert(make()), fbt.convert(make())
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fbt.convert(make()))(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, expected = compiled(xc), eager(xe)
+    torch.testing.assert_close(y, expected, **TOL)
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, **TOL)
+    for got, want in zip(compiled_model.parameters(), eager.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, **TOL)
+    torch.testing.assert_close(compiled_model.state_dict(), eager.state_dict(), **TOL)

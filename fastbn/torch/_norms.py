@@ -1,5 +1,7 @@
 """Layer, group and instance norm as PyTorch operators and ``torch.nn`` modules on
-fastbn kernels (CPU tensors; see :mod:`fastbn.norms`).
+fastbn kernels (CPU tensors, and CUDA tensors on :mod:`fastbn.cuda.norms`; see
+:mod:`fastbn.norms`).  Every operator has a fake kernel, so ``torch.compile(fullgraph=True)``
+and ``torch.export`` trace them without graph breaks.
 
 Operators: ``fastbn::layer_norm`` / ``fastbn::layer_norm_backward`` and
 ``fastbn::group_norm`` / ``fastbn::group_norm_backward`` (instance norm is group norm
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import norms
-from ._ops import _as_fastbn_array, _as_tensor, _like, _reraise_as_torch
+from ._ops import _as_fastbn_array, _as_tensor, _like, _reraise_as_torch, _statistics_dtype
 
 
 def _channel_last(x):
@@ -96,6 +98,39 @@ def group_norm_backward_op(dy: Tensor, x: Tensor, num_groups: int, mean: Tensor,
     return _from_fastbn(dx, x, last), _as_tensor(dweight, x.device), _as_tensor(dbias, x.device)
 
 
+# Fake kernels: output metadata for torch.compile / torch.export (no data touched).
+# Saved statistics are float64 (float32 for float16 CUDA tensors), results have ``torch.empty_like(x)``'s strides (what
+# the operators return, see ``_like``), parameter gradients the parameters' shape.
+
+@layer_norm_op.register_fake
+def _layer_norm_fake(x, normalized_shape, weight, bias, eps):
+    lead = x.shape[:x.dim() - len(normalized_shape)]
+    dtype = _statistics_dtype(x)
+    return torch.empty_like(x), x.new_empty(lead, dtype=dtype), x.new_empty(lead, dtype=dtype)
+
+
+@layer_norm_backward_op.register_fake
+def _layer_norm_backward_fake(dy, x, normalized_shape, mean, invstd, weight):
+    return torch.empty_like(x), x.new_empty(tuple(normalized_shape)), x.new_empty(tuple(normalized_shape))
+
+
+@group_norm_op.register_fake
+def _group_norm_fake(x, num_groups, weight, bias, running_mean, running_var, momentum, eps):
+    statistics = (x.shape[0], num_groups)
+    if running_mean is None:
+        new_mean, new_var = x.new_empty((0,)), x.new_empty((0,))
+    else:
+        new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
+    dtype = _statistics_dtype(x)
+    return (torch.empty_like(x), x.new_empty(statistics, dtype=dtype), x.new_empty(statistics, dtype=dtype),
+            new_mean, new_var)
+
+
+@group_norm_backward_op.register_fake
+def _group_norm_backward_fake(dy, x, num_groups, mean, invstd, weight):
+    return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
+
+
 def _layer_setup(ctx, inputs, output):
     x, normalized_shape, weight, bias, _ = inputs
     ctx.save_for_backward(x, weight, output[1], output[2])
@@ -129,7 +164,7 @@ group_norm_op.register_autograd(_group_backward, setup_context=_group_setup)
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` on fastbn kernels (float32/float64 CPU tensors of any rank
+    """``torch.nn.LayerNorm`` on fastbn kernels (float32/float64 CPU or CUDA tensors of any rank
     whose trailing dimensions are ``normalized_shape``)."""
 
     def forward(self, input: Tensor) -> Tensor:
