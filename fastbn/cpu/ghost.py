@@ -20,8 +20,8 @@ import numpy as np
 from .. import dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import PLANES, instance_geometry
-from ..stats import Moments
-from . import groups, norms, plans, stages, views
+from ..stats import BackwardSums, Moments
+from . import channels, groups, norms, plans, stages, views
 
 
 class _SliceRows(norms._PerChannel):
@@ -83,6 +83,11 @@ class _Slicing:
         return v.reshape(self.num_slices, self.num_channels)[first:first + count]
 
 
+def _tiled(v, s):
+    """A (C,) parameter vector repeated for every slice, (slices * C,); None stays None."""
+    return None if v is None else np.tile(v, s.num_slices)
+
+
 def _padded_by_slice(v, s):
     """Per-(n, c) values (N * C,) as (slices, C, k), zero past N: the k samples of each
     (slice, c) consecutive, for the run merges of :mod:`fastbn.cpu.groups`."""
@@ -107,19 +112,17 @@ def forward(x, weight, bias, running_mean, running_var, momentum, eps, geom, k, 
     """``(y, save_mean, save_invstd)`` of training batch norm per slice of ``k`` samples;
     statistics float64 (slices, C).  Running statistics get the average over the slices
     of ``(1 - momentum) * r + momentum * slice statistic`` (unbiased slice variances)."""
-    policy = dtypes.policy(dtype)
     s = _Slicing(x, geom, k)
     num_c = s.num_channels
     m = _slice_moments(x, s)
     update = running_mean is not None
-    running = [np.tile(np.asarray(r, np.float64), s.num_slices) if update else np.empty(0)
+    # Per-(slice, c) vectors are flat (slices * C,): the batch-norm coefficient stage runs
+    # them as slices * C channels, with weight, bias and running statistics tiled per slice.
+    running = [np.tile(np.asarray(r, np.float64), s.num_slices) if update else None
                for r in (running_mean, running_var)]
-    center, scale, shift = np.empty((3, s.num_slices * num_c), policy.compute)
-    save_invstd = np.empty(s.num_slices * num_c)
-    groups.group_forward_coefficients(
-        *m, norms._placeholder(weight, num_c, policy.parameters), norms._placeholder(bias, num_c, policy.parameters),
-        weight is not None, bias is not None, eps, dtypes.largest(policy.compute), momentum, *running, update,
-        save_invstd, center, scale, shift)
+    c = stages.forward_coefficients(m.count, m.mean, m.m2, True, _tiled(weight, s), _tiled(bias, s), eps,
+                                    *running, momentum, update, dtype)
+    center, scale, shift = c.center, c.scale, c.shift
     if update:
         running_mean[...] = running[0].reshape(s.num_slices, num_c).mean(axis=0)
         running_var[...] = running[1].reshape(s.num_slices, num_c).mean(axis=0)
@@ -134,7 +137,7 @@ def forward(x, weight, bias, running_mean, running_var, momentum, eps, geom, k, 
                 view.batched(xr), *(s.slice_rows(v, first, count) for v in (center, scale, shift)),
                 view.rows_per_chunk, view.batched(yr))
     shape = (s.num_slices, num_c)
-    return views.finish_output(target, out), m.mean.reshape(shape), save_invstd.reshape(shape)
+    return views.finish_output(target, out), c.mean.reshape(shape), c.invstd.reshape(shape)
 
 
 def _slice_sums(dy, x, mean, s):
@@ -151,17 +154,15 @@ def _slice_sums(dy, x, mean, s):
 def backward(dy, x, save_mean, save_invstd, weight, geom, k, out, dtype):
     """``(dx, dweight, dbias)`` of training batch norm per slice of ``k`` samples, from
     the forward's (slices, C) statistics; dweight and dbias (C,) in the parameter dtype."""
-    policy = dtypes.policy(dtype)
     s = _Slicing(x, geom, k)
     num_c = s.num_channels
     mean = np.ascontiguousarray(save_mean, np.float64).ravel()
     invstd = np.ascontiguousarray(save_invstd, np.float64).ravel()
     sum_dy, sum_dy_xmu = _slice_sums(dy, x, mean, s)
-    coefficients = np.empty((4, s.num_slices * num_c), policy.compute)
-    grads = np.empty((2, num_c))
-    groups.group_backward_coefficients(
-        s.slice_count(), sum_dy, sum_dy_xmu, mean, invstd, norms._placeholder(weight, num_c, policy.parameters),
-        weight is not None, dtypes.largest(policy.compute), grads[0], grads[1], *coefficients)
+    sums = BackwardSums(s.slice_count(), sum_dy, sum_dy_xmu)
+    coefficients = stages.backward_coefficients(sums, mean, invstd, _tiled(weight, s), True, dtype)
+    grads = np.empty((2, s.num_slices * num_c))
+    channels.weight_bias_gradients(sum_dy, sum_dy_xmu, invstd, *grads)
     target = views.output_target(out, (dy, x), geom)
     if s.by_planes:
         stages.backward_apply(s.kernel_view(dy), s.kernel_view(x),
@@ -173,5 +174,5 @@ def backward(dy, x, save_mean, save_invstd, weight, geom, k, out, dtype):
             norms._launch(norms.batched_backward_apply, xr.size)(
                 view.batched(gr), view.batched(xr), *(s.slice_rows(v, first, count) for v in coefficients),
                 view.rows_per_chunk, view.batched(dr))
-    grads = grads.astype(policy.parameters)
-    return views.finish_output(target, out), grads[0], grads[1]
+    dweight, dbias = grads.reshape(2, s.num_slices, num_c).sum(axis=1).astype(dtypes.policy(dtype).parameters)
+    return views.finish_output(target, out), dweight, dbias
