@@ -1,10 +1,12 @@
 """Virtual (ghost) batch norm on the CPU: statistics per (slice, c), slices of ``k``
 samples along N (the last one smaller when k does not divide N), all slices in one pass.
 
-No kernel of its own: the group-norm engine (:mod:`fastbn.cpu.norms`,
-:mod:`fastbn.cpu.groups`) with slices in the role of samples, so that the coefficient
-algebra stays the one of :mod:`fastbn.algebra`.  Arguments arrive validated by
-:mod:`fastbn.ghost`.
+No kernel of its own: the batched rows and planes kernels of group norm
+(:mod:`fastbn.cpu.norms`) with slices in the role of samples, and the batch-norm
+coefficient stage (:func:`fastbn.cpu.stages.forward_coefficients`,
+:func:`~fastbn.cpu.stages.backward_coefficients`) run over ``slices * C`` entries with
+weight, bias and running statistics tiled per slice, so the algebra stays that of
+:mod:`fastbn.algebra`.  Arguments arrive validated by :mod:`fastbn.ghost`.
 
 - Rows family (rank 2, or channel-last memory ``(N * S, C)``): a slice is a contiguous
   run of ``k * S`` rows, so the batched rows kernels take the whole slices as
