@@ -117,17 +117,13 @@ def forward(x, weight, bias, running_mean, running_var, momentum, eps, geom, k, 
     s = _Slicing(x, geom, k)
     num_c = s.num_channels
     m = _slice_moments(x, s)
-    update = running_mean is not None
     # Per-(slice, c) vectors are flat (slices * C,): the batch-norm coefficient stage runs
-    # them as slices * C channels, with weight, bias and running statistics tiled per slice.
-    running = [np.tile(np.asarray(r, np.float64), s.num_slices) if update else None
-               for r in (running_mean, running_var)]
+    # them as slices * C channels, with weight and bias tiled per slice.
     c = stages.forward_coefficients(m.count, m.mean, m.m2, True, _tiled(weight, s), _tiled(bias, s), eps,
-                                    *running, momentum, update, dtype)
+                                    None, None, momentum, False, dtype)
     center, scale, shift = c.center, c.scale, c.shift
-    if update:
-        running_mean[...] = running[0].reshape(s.num_slices, num_c).mean(axis=0)
-        running_var[...] = running[1].reshape(s.num_slices, num_c).mean(axis=0)
+    if running_mean is not None:
+        _update_running(m, s, weight, bias, eps, running_mean, running_var, momentum, dtype)
     target = views.output_target(out, (x,), geom)
     if s.by_planes:
         coefficients = ForwardCoefficients(*s.per_sample_vectors((center, scale, shift)), None, None)
@@ -140,6 +136,29 @@ def forward(x, weight, bias, running_mean, running_var, momentum, eps, geom, k, 
                 view.rows_per_chunk, view.batched(yr))
     shape = (s.num_slices, num_c)
     return views.finish_output(target, out), c.mean.reshape(shape), c.invstd.reshape(shape)
+
+
+def _update_running(m, s, weight, bias, eps, running_mean, running_var, momentum, dtype):
+    """Running statistics <- the average over the slices of each slice's update.
+
+    At a given count the update is linear in the slice's (mean, M2), so slices of one
+    size update once with their averaged moments, weighted by how many they are: one
+    (C,) update for the whole slices and one for a smaller last slice (the coefficients
+    the stage also computes are dropped), instead of slices * C updates."""
+    shape = (s.num_slices, s.num_channels)
+    full = s.num_samples // s.k
+    total_mean, total_var = np.zeros((2, s.num_channels))
+    for lo, hi in ((0, full), (full, s.num_slices)):
+        if hi == lo:
+            continue
+        averaged = [v.reshape(shape)[lo:hi].mean(axis=0) for v in (m.mean, m.m2)]
+        updated = [np.array(r, np.float64) for r in (running_mean, running_var)]
+        stages.forward_coefficients(m.count.reshape(shape)[lo], *averaged, True, weight, bias, eps, *updated,
+                                    momentum, True, dtype)
+        total_mean += (hi - lo) * updated[0]
+        total_var += (hi - lo) * updated[1]
+    running_mean[...] = total_mean / s.num_slices
+    running_var[...] = total_var / s.num_slices
 
 
 def _slice_sums(dy, x, mean, s):
