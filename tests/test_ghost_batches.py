@@ -148,6 +148,22 @@ def test_strided_input_and_in_place_output():
     np.testing.assert_allclose(out, expected, rtol=0, atol=_atol(np.float32, np.abs(expected).max()))
 
 
+def test_channel_last_layout_over_channel_first_memory():
+    """An NHWC view of NCHW bytes runs the planes path (per-(n, c) moments merged per slice)."""
+    x, dy, weight, bias, _ = _inputs("NCHW", (7, 3, 4, 5))
+    xv, dyv = (np.moveaxis(a, 1, -1) for a in (x, dy))
+    y, mean, invstd = fastbn.batch_norm_forward(xv, weight, bias, layout="NHWC", virtual_batch_size=3)
+    y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(
+        xv.astype(np.float64), weight.astype(np.float64), bias.astype(np.float64), layout="NHWC",
+        virtual_batch_size=3)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=_atol(np.float32, np.abs(y_ref).max()))
+    dx = fastbn.batch_norm_backward(dyv, xv, mean, invstd, weight, layout="NHWC", virtual_batch_size=3)[0]
+    dx_ref = reference.batch_norm_backward(dyv.astype(np.float64), xv.astype(np.float64), mean_ref, invstd_ref,
+                                           weight.astype(np.float64), layout="NHWC", virtual_batch_size=3)[0]
+    scale = np.abs(weight).max() * invstd_ref.max() * np.abs(dy).max()
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=_atol(np.float32, scale))
+
+
 def test_empty_batch():
     x = np.empty((0, 3, 2), np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
