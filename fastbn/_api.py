@@ -93,7 +93,7 @@ def batch_stats(x, *, layout="NCHW"):
 
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None,
-                       activation=None, residual=None):
+                       activation=None, residual=None, virtual_batch_size=None):
     """Batch-norm forward pass: ``y = (x - mean) / sqrt(var + eps) * weight + bias``,
     optionally followed by a fused residual add and ReLU:
     ``y = relu((x - mean) / sqrt(var + eps) * weight + bias + residual)``.
@@ -137,6 +137,12 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     residual : None or an array of x's shape and dtype (keyword-only, any strides; it
         may be ``x`` itself or ``out``), added to ``bn(x)`` before the activation, in
         the same pass.
+    virtual_batch_size : None or a positive int k (keyword-only): in training, "ghost"
+        batches: every slice of k samples along N (the last one smaller when k does not
+        divide N) is normalized with its own statistics, all slices in one pass; the
+        running statistics get the average over the slices of their means and unbiased
+        variances.  No effect in eval.  Not with ``activation``/``residual``; NumPy
+        arrays only (TypeError for CUDA device arrays).  See :mod:`fastbn.ghost`.
 
     Returns
     -------
@@ -144,8 +150,15 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         given); ``save_mean`` and ``save_invstd = 1 / sqrt(var + eps)`` float64 (C,)
         (float32 for float16 device input), the batch statistics (biased var) when
         training, the running ones in eval.  Statistics are float64 so the backward pass
-        sees the mean unrounded.
+        sees the mean unrounded.  With ``virtual_batch_size`` in training they are
+        float64 (slices, C), one row per slice.
     """
+    if virtual_batch_size is not None:
+        from . import ghost  # imports this module
+        k = ghost.check_virtual_batch_size(virtual_batch_size)
+        if training is True or training is np.True_:
+            return ghost.forward(x, weight, bias, running_mean, running_var, momentum, eps, layout, out,
+                                 activation, residual, k)
     backend = select_backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
                               "running_var": running_var, "out": out, "residual": residual})
     num_channels = _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum,
@@ -187,7 +200,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
-                        training=True, layout="NCHW", out=None, activation=None, y=None, residual=False):
+                        training=True, layout="NCHW", out=None, activation=None, y=None, residual=False,
+                        virtual_batch_size=None):
     """Batch-norm backward pass: gradients with respect to x, weight and bias (and the
     residual, for a forward that added one).
 
@@ -214,6 +228,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         ``activation="relu"`` (its mask), None otherwise.
     residual : bool (keyword-only): the forward added a residual; its gradient ``g`` is
         then returned too.
+    virtual_batch_size : None or the forward's positive int k (keyword-only): with
+        ``training=True``, ``save_mean``/``save_invstd`` are the forward's (slices, C)
+        statistics and the gradient goes through each slice's own statistics.  No effect
+        with ``training=False``.  See :mod:`fastbn.ghost`.
 
     Returns
     -------
@@ -223,6 +241,11 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         array like ``x`` with ``activation="relu"``; without an activation it is ``dy``
         itself (so ``out`` must not share memory with ``dy`` then: ValueError).
     """
+    if virtual_batch_size is not None:
+        from . import ghost  # imports this module
+        k = ghost.check_virtual_batch_size(virtual_batch_size)
+        if training is True or training is np.True_:
+            return ghost.backward(dy, x, save_mean, save_invstd, weight, layout, out, activation, y, residual, k)
     backend = select_backend({"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd,
                               "weight": weight, "out": out, "y": y})
     num_channels = _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,

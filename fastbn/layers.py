@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _checks
 from . import distributed
+from . import ghost
 from ._api import batch_norm_backward, batch_norm_forward
 from .dtypes import storage_dtypes
 
@@ -71,6 +72,11 @@ class BatchNorm:
         pass an empty batch, and ``grad_weight``/``grad_bias`` are this rank's
         contributions, to be summed over the ranks like the other gradients).  Eval
         mode does not communicate.
+    virtual_batch_size : None or a positive int k: when batch statistics are used, each
+        slice of k samples along N (the last one smaller when k does not divide N) is
+        normalized with its own statistics, and the running statistics get the average
+        of the slices' (see :func:`fastbn.batch_norm_forward`).  No effect in eval with
+        running statistics.  Not with ``comm``; NumPy arrays only.
 
     Attributes
     ----------
@@ -90,7 +96,7 @@ class BatchNorm:
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, layout="NCHW", dtype=np.float32, comm=None):
+                 track_running_stats=True, layout="NCHW", dtype=np.float32, comm=None, virtual_batch_size=None):
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
@@ -98,6 +104,12 @@ class BatchNorm:
             momentum = _checks.check_scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
         if np.dtype(dtype) not in storage_dtypes("cpu"):
             raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
+        if virtual_batch_size is not None:
+            virtual_batch_size = ghost.check_virtual_batch_size(virtual_batch_size)
+            if comm is not None:
+                raise ValueError("virtual_batch_size: expected None with comm (virtual batches are per rank "
+                                 f"and not synchronized), got {virtual_batch_size}")
+        self.virtual_batch_size = virtual_batch_size
         self.num_features = int(num_features)
         self.eps = _checks.check_scalar(eps, "eps", 0.0, math.inf, low_open=True)
         self.momentum = momentum
@@ -121,7 +133,8 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"layout={self.layout!r}, dtype={self.dtype.name})")
+                f"layout={self.layout!r}, dtype={self.dtype.name}"
+                + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}") + ")")
 
     # ------------------------------------------------------------------ mode
 
@@ -185,6 +198,8 @@ class BatchNorm:
         kwargs = dict(running_mean=self.running_mean if pass_running else None,
                       running_var=self.running_var if pass_running else None,
                       training=use_batch_stats, momentum=momentum, eps=self.eps, layout=self.layout)
+        if self.virtual_batch_size is not None:
+            kwargs["virtual_batch_size"] = self.virtual_batch_size
         if comm is not None:
             y, save_mean, save_invstd = distributed.batch_norm_forward(x, self.weight, self.bias, comm=comm,
                                                                        **kwargs)
@@ -225,7 +240,7 @@ class BatchNorm:
         else:
             dx, dweight, dbias = batch_norm_backward(
                 dy, saved.x, saved.save_mean, saved.save_invstd, saved.weight,
-                training=saved.used_batch_stats, layout=self.layout)
+                training=saved.used_batch_stats, layout=self.layout, virtual_batch_size=self.virtual_batch_size)
         if self.affine:
             self.grad_weight, self.grad_bias = dweight, dbias
         return dx

@@ -69,7 +69,7 @@ def batch_stats(x, *, layout="NCHW"):
 
 def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_var=None,
                        training=True, momentum=0.1, eps=1e-5, layout="NCHW", out=None,
-                       activation=None, residual=None):
+                       activation=None, residual=None, virtual_batch_size=None):
     """Reference batch-norm forward; see :func:`fastbn.batch_norm_forward`.
 
     ``activation`` (None or "relu") and ``residual`` are the unfused ops in float64:
@@ -82,7 +82,11 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
     Returns ``(y, save_mean, save_invstd)``: ``y`` like ``x``; the statistics float64 (C,).
     Running statistics, when given and ``training``, are updated in place.
+    With ``virtual_batch_size`` in training, see :func:`_virtual_forward`.
     """
+    if virtual_batch_size is not None and training:
+        return _virtual_forward(x, weight, bias, running_mean, running_var, momentum, eps, layout,
+                                virtual_batch_size)
     _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                layout, FLOAT_DTYPES, FLOAT_DTYPES, allow_empty=True)
     _checks.check_out(out, "out", x.shape, x.dtype)
@@ -111,13 +115,17 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
 
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
-                        training=True, layout="NCHW", out=None, activation=None, y=None, residual=False):
+                        training=True, layout="NCHW", out=None, activation=None, y=None, residual=False,
+                        virtual_batch_size=None):
     """Reference batch-norm backward; see :func:`fastbn.batch_norm_backward`.
 
     Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``; ``dweight``/``dbias`` float64 (C,);
     with ``residual=True`` also ``dresidual`` (x's dtype).  With ``activation="relu"``
     ``dy`` is first masked by the forward's output: ``g = 0 where y <= 0 else dy``.
+    With ``virtual_batch_size`` in training, see :func:`_virtual_backward`.
     """
+    if virtual_batch_size is not None and training:
+        return _virtual_backward(dy, x, save_mean, save_invstd, weight, layout, virtual_batch_size)
     _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
                                 FLOAT_DTYPES, FLOAT_DTYPES, FLOAT_DTYPES, allow_empty=True)
     _checks.check_out(out, "out", x.shape, x.dtype)
@@ -143,6 +151,38 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         dx = dy64 * _per_channel(w * invstd, ndim, layout)
     grads = (_store(out, dx, x.dtype), dweight, dbias)
     return (*grads, dresidual) if residual else grads
+
+
+def _slices(num_samples, k):
+    return [slice(lo, min(lo + k, num_samples)) for lo in range(0, num_samples, k)]
+
+
+def _virtual_forward(x, weight, bias, running_mean, running_var, momentum, eps, layout, k):
+    """Ghost batches, a loop over the slices of ``k`` samples: each slice a plain training
+    forward; statistics float64 (slices, C); the running statistics the average over the
+    slices of each slice's update (so of the slices' means and unbiased variances)."""
+    ys, means, invstds, runs = [], [], [], []
+    for part in _slices(x.shape[0], k):
+        run = None if running_mean is None else [running_mean.astype(np.float64), running_var.astype(np.float64)]
+        y, mean, invstd = batch_norm_forward(x[part], weight, bias, running_mean=run and run[0],
+                                             running_var=run and run[1], momentum=momentum, eps=eps, layout=layout)
+        ys.append(y)
+        means.append(mean)
+        invstds.append(invstd)
+        runs.append(run)
+    if running_mean is not None:
+        running_mean[...] = np.mean([r[0] for r in runs], axis=0)
+        running_var[...] = np.mean([r[1] for r in runs], axis=0)
+    return np.concatenate(ys), np.array(means), np.array(invstds)
+
+
+def _virtual_backward(dy, x, save_mean, save_invstd, weight, layout, k):
+    """Ghost batches: each slice's plain training backward with its own (C,) statistics;
+    dweight and dbias summed over the slices."""
+    grads = [batch_norm_backward(dy[part], x[part], save_mean[i], save_invstd[i], weight, layout=layout)
+             for i, part in enumerate(_slices(x.shape[0], k))]
+    return (np.concatenate([g[0] for g in grads]), np.sum([g[1] for g in grads], axis=0),
+            np.sum([g[2] for g in grads], axis=0))
 
 
 # Layer, group and instance norm live in reference_norms (this file's size); same names here.
