@@ -50,10 +50,14 @@ def start_simulator_run():
 
 
 def stop_simulator_run():
-    """Kill a background run nobody waited for (the session ended early)."""
-    if _simulator_run is not None and _simulator_run[0].poll() is None:
-        _simulator_run[0].kill()
-        _simulator_run[0].wait()
+    """Kill a background run nobody waited for (the session ended early); close its output."""
+    if _simulator_run is None:
+        return
+    process, output = _simulator_run
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    output.close()
 
 
 def test_cuda_backend_on_the_simulator():
@@ -62,10 +66,10 @@ def test_cuda_backend_on_the_simulator():
     process, output = start_simulator_run()
     try:
         returncode = process.wait(timeout=SIMULATOR_RUN_TIMEOUT_S)
+        output.seek(0)
+        text = output.read()
     finally:
         stop_simulator_run()
-    output.seek(0)
-    text = output.read()
     assert returncode == 0, f"`NUMBA_ENABLE_CUDASIM=1 {' '.join(SIMULATOR_COMMAND[1:])}` failed:\n{text}"
     last_line = text.strip().splitlines()[-1]
     assert " passed" in last_line and " skipped" not in last_line, text

@@ -67,7 +67,8 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, use_we
     # a loop keeps Numba from pruning the arrays' reference counting (see fastbn.algebra).
     if from_moments and update_running:
         for c in range(mean.size):
-            running_update(c, np.float64(count[c]), np.float64(mean[c]), np.float64(second[c]), momentum,
+            n = np.float64(count[c])
+            running_update(c, n, np.float64(mean[c]), population_variance(n, np.float64(second[c])), momentum,
                            running_mean, running_var)
     if from_moments:
         for c in range(mean.size):

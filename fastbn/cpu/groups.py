@@ -55,7 +55,8 @@ def group_forward_coefficients(count, mean, m2, weight, bias, use_weight, use_bi
             row_running_mean, row_running_var = running_mean[lo:hi], running_var[lo:hi]
             for c in range(num_channels):
                 g = (lo + c) // group_size
-                running_update(c, count[g], mean[g], m2[g], momentum, row_running_mean, row_running_var)
+                running_update(c, count[g], mean[g], population_variance(count[g], m2[g]), momentum, row_running_mean,
+                               row_running_var)
         for c in range(num_channels):
             g = (lo + c) // group_size
             forward_channel(c, mean[g], population_variance(count[g], m2[g]), weight, bias, use_weight, use_bias,

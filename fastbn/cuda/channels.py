@@ -36,7 +36,7 @@ def forward_coefficients(count, mean, second, from_moments, weight, bias, use_we
     if from_moments:
         n, mu, m2 = np.float64(count[c]), np.float64(mean[c]), np.float64(second[c])
         if update_running:
-            running_update(c, n, mu, m2, momentum, running_mean, running_var)
+            running_update(c, n, mu, population_variance(n, m2), momentum, running_mean, running_var)
         forward_channel(c, mu, population_variance(n, m2), weight, bias, use_weight, use_bias, eps, big,
                         save_mean, save_invstd, center, scale, shift)
     else:
@@ -130,7 +130,7 @@ def finish_moments(c, n, mean, m2, out_n, out_mean, out_m2, finalize, weight, bi
     out_m2[c] = m2
     if finalize:
         if update_running:
-            running_update(c, n, mean, m2, momentum, running_mean, running_var)
+            running_update(c, n, mean, population_variance(n, m2), momentum, running_mean, running_var)
         forward_channel(c, mean, population_variance(n, m2), weight, bias, use_weight, use_bias, eps, big,
                         save_mean, save_invstd, center, scale, shift)
 

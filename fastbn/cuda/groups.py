@@ -66,7 +66,7 @@ def instance_running_update(count, mean, m2, momentum, running_tile_mean, runnin
         i = n * num_channels + c
         running_tile_mean[i] = np.float64(running_mean[c])
         running_tile_var[i] = np.float64(running_var[c])
-        running_update(i, count[i], mean[i], m2[i], momentum, running_tile_mean, running_tile_var)
+        running_update(i, count[i], mean[i], population_variance(count[i], m2[i]), momentum, running_tile_mean, running_tile_var)
         total_mean += running_tile_mean[i]
         total_var += running_tile_var[i]
     running_mean[c] = total_mean / num_samples
