@@ -224,17 +224,23 @@ def check_forward_args(x, weight, bias, running_mean, running_var, training, mom
     return num_channels
 
 
-def check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
-                        float_dtypes, param_dtype, stat_dtypes, allow_empty=False):
-    """Validate every argument of a backward call (empty ``dy`` and ``x`` only with
-    ``allow_empty``).  Returns the number of channels."""
-    layout = check_layout(layout)
+def check_gradient_pair(dy, x, float_dtypes, allow_empty=False):
+    """Check the data tensor ``x`` and its gradient ``dy``: each a valid input
+    (:func:`check_input`), and ``dy`` with the shape and dtype of ``x``."""
     check_input(x, "x", float_dtypes, allow_empty)
     check_input(dy, "dy", float_dtypes, allow_empty)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dtype_of(dy) != dtype_of(x):
         raise TypeError(f"dy: expected the dtype of x ({dtype_name(x)}), got {dtype_name(dy)}")
+
+
+def check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
+                        float_dtypes, param_dtype, stat_dtypes, allow_empty=False):
+    """Validate every argument of a backward call (empty ``dy`` and ``x`` only with
+    ``allow_empty``).  Returns the number of channels."""
+    layout = check_layout(layout)
+    check_gradient_pair(dy, x, float_dtypes, allow_empty)
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     num_channels = x.shape[channel_axis(len(x.shape), layout)]

@@ -160,12 +160,7 @@ def _check_vectors(c, kind, fields, x, layout):
 
 def _check_pair(dy, x, layout, backend):
     _checks.check_layout(layout)
-    _checks.check_input(x, "x", backend.storage_dtypes)
-    _checks.check_input(dy, "dy", backend.storage_dtypes)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if _checks.dtype_of(dy) != _checks.dtype_of(x):
-        raise TypeError(f"dy: expected the dtype of x ({_checks.dtype_name(x)}), got {_checks.dtype_name(dy)}")
+    _checks.check_gradient_pair(dy, x, backend.storage_dtypes)
     return x.shape[_checks.channel_axis(len(x.shape), layout)]
 
 

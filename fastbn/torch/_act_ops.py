@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._api import batch_norm_backward, batch_norm_forward
-from ._ops import _as_fastbn_array, _as_tensor, _like, _reraise_as_torch, _statistics_dtype
+from ._ops import _as_fastbn_array, _as_tensor, _batch_norm_fake, _like, _reraise_as_torch
 from ._ops_autograd import _add, _stats_vjp
 
 
@@ -50,13 +50,8 @@ def batch_norm_act_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
 
 @batch_norm_act_op.register_fake
 def _batch_norm_act_fake(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu):
-    channels, dtype = x.shape[1], _statistics_dtype(x)
-    if training and running_mean is not None:
-        new_mean, new_var = torch.empty_like(running_mean), torch.empty_like(running_var)
-    else:
-        new_mean, new_var = x.new_empty((0,)), x.new_empty((0,))
-    return (torch.empty_like(x), x.new_empty((channels,), dtype=dtype), x.new_empty((channels,), dtype=dtype),
-            new_mean, new_var)
+    # The same outputs as the plain operator's.
+    return _batch_norm_fake(x, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 @torch.library.custom_op("fastbn::batch_norm_act_backward", mutates_args=())
