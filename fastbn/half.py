@@ -1,0 +1,117 @@
+"""16-bit float storage: exact conversions between float16/bfloat16 bit patterns and float32.
+
+Numba cannot type float16 arrays on the CPU and has no bfloat16 at all, so kernels read and
+write 16-bit storage through ``uint16`` views and convert each value with these functions.
+They are jitted for every target (CPU and CUDA device code) and run as plain Python on the
+CUDA simulator, so both backends use this one implementation.
+
+- Widening (``*_bits_to_float32``) is exact: every float16 and bfloat16 value is a float32.
+- Narrowing (``float32_to_*_bits``) rounds to nearest, ties to even, as IEEE 754 and
+  NumPy's ``astype(np.float16)`` / ml_dtypes' ``astype(bfloat16)`` do: values past the
+  largest finite one round to infinity, tiny values to subnormals or signed zero, and a
+  NaN stays a (quiet) NaN.
+
+The bit tricks are integer arithmetic with one float operation for subnormals (a "magic
+number" add, exact in float32); there are no tables, so loops over them vectorize.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload, register_jitable
+
+
+def float32_from_bits(bits):
+    """The float32 whose IEEE bit pattern is the uint32 ``bits``."""
+    return np.uint32(bits).view(np.float32)
+
+
+def bits_of_float32(value):
+    """The IEEE bit pattern (uint32) of float32 ``value``."""
+    return np.float32(value).view(np.uint32)
+
+
+@intrinsic
+def _bitcast_to_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bitcast_to_uint32(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@overload(float32_from_bits, target="generic")
+def _float32_from_bits(bits):
+    return lambda bits: _bitcast_to_float32(numba.uint32(bits))
+
+
+@overload(bits_of_float32, target="generic")
+def _bits_of_float32(value):
+    return lambda value: _bitcast_to_uint32(numba.float32(value))
+
+
+#: float32 exponent bias minus float16's (127 - 15), shifted into the exponent field.
+_REBIAS = np.uint32(112 << 23)
+#: 0.5 as float32: its ulp is 2**-24, float16's subnormal spacing, so adding it to a value
+#: below 2**-14 rounds that value (to nearest even) into the bottom bits of the mantissa.
+_SUBNORMAL_MAGIC = np.uint32(126 << 23)
+
+
+@register_jitable
+def float16_bits_to_float32(bits):
+    """float16 bit pattern (uint16) -> the same value as float32 (exact)."""
+    h = np.uint32(bits)
+    magnitude = (h & np.uint32(0x7FFF)) << np.uint32(13)
+    exponent = magnitude & np.uint32(0x0F800000)
+    if exponent == np.uint32(0x0F800000):  # infinity or NaN: all-ones exponent
+        out = magnitude + np.uint32(224 << 23)
+    elif exponent == np.uint32(0):  # zero or subnormal: scale the integer mantissa
+        out = bits_of_float32(np.float32(magnitude >> np.uint32(13)) * np.float32(2.0 ** -24))
+    else:
+        out = magnitude + _REBIAS
+    return float32_from_bits(out | ((h & np.uint32(0x8000)) << np.uint32(16)))
+
+
+@register_jitable
+def float32_to_float16_bits(value):
+    """float32 ``value`` -> float16 bit pattern (uint16), rounded to nearest even."""
+    bits = bits_of_float32(value)
+    sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    if magnitude >= np.uint32(143 << 23):  # >= 65536 (past float16's range), inf, NaN
+        if magnitude > np.uint32(0x7F800000):
+            out = np.uint32(0x7E00) | ((magnitude >> np.uint32(13)) & np.uint32(0x3FF))
+        else:
+            out = np.uint32(0x7C00)
+    elif magnitude < np.uint32(113 << 23):  # below 2**-14: a float16 subnormal or zero
+        # The float add rounds to nearest even at float16's subnormal spacing (2**-24).
+        aligned = float32_from_bits(magnitude) + float32_from_bits(_SUBNORMAL_MAGIC)
+        out = bits_of_float32(aligned) - _SUBNORMAL_MAGIC
+    else:
+        odd = (magnitude >> np.uint32(13)) & np.uint32(1)
+        # Rebias, add just under half an ulp plus the odd bit (ties to even), truncate;
+        # a carry into the exponent rounds up to the next binade or to infinity.
+        out = (magnitude - _REBIAS + np.uint32(0xFFF) + odd) >> np.uint32(13)
+    return np.uint16(out | sign)
+
+
+@register_jitable
+def bfloat16_bits_to_float32(bits):
+    """bfloat16 bit pattern (uint16) -> the same value as float32 (exact)."""
+    return float32_from_bits(np.uint32(bits) << np.uint32(16))
+
+
+@register_jitable
+def float32_to_bfloat16_bits(value):
+    """float32 ``value`` -> bfloat16 bit pattern (uint16), rounded to nearest even."""
+    bits = bits_of_float32(value)
+    if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it quiet
+        return np.uint16((bits >> np.uint32(16)) | np.uint32(0x0040))
+    odd = (bits >> np.uint32(16)) & np.uint32(1)
+    return np.uint16((bits + np.uint32(0x7FFF) + odd) >> np.uint32(16))
