@@ -11,6 +11,21 @@ CUDA simulator, so both backends use this one implementation.
   largest finite one round to infinity, tiny values to subnormals or signed zero, and a
   NaN stays a (quiet) NaN.
 
+Kernels see 16-bit storage through integer views chosen so that the view's dtype alone
+names the format, and each kernel compiles its own specialization per format:
+
+==========  ==================  ==========================================
+storage     kernel array dtype  conversions
+==========  ==================  ==========================================
+float16     ``uint16``          :func:`float16_bits_to_float32` and back
+bfloat16    ``int16``           :func:`bfloat16_bits_to_float32` and back
+float16     ``float16``         native (numba.cuda types float16 arrays)
+float32/64  itself              none
+==========  ==================  ==========================================
+
+so a kernel writes ``widen(x[i])`` on loads and ``narrow(value, y.dtype)`` on stores and
+runs unchanged for every storage dtype (:func:`storage_view` makes the views).
+
 The bit tricks are integer arithmetic with one float operation for subnormals (a "magic
 number" add, exact in float32); there are no tables, so loops over them vectorize.
 """
@@ -66,7 +81,7 @@ _SUBNORMAL_MAGIC = np.uint32(126 << 23)
 @register_jitable
 def float16_bits_to_float32(bits):
     """float16 bit pattern (uint16) -> the same value as float32 (exact)."""
-    h = np.uint32(bits)
+    h = np.uint32(bits) & np.uint32(0xFFFF)  # an int16 view's negative values too
     magnitude = (h & np.uint32(0x7FFF)) << np.uint32(13)
     exponent = magnitude & np.uint32(0x0F800000)
     if exponent == np.uint32(0x0F800000):  # infinity or NaN: all-ones exponent
@@ -104,7 +119,7 @@ def float32_to_float16_bits(value):
 @register_jitable
 def bfloat16_bits_to_float32(bits):
     """bfloat16 bit pattern (uint16) -> the same value as float32 (exact)."""
-    return float32_from_bits(np.uint32(bits) << np.uint32(16))
+    return float32_from_bits((np.uint32(bits) & np.uint32(0xFFFF)) << np.uint32(16))
 
 
 @register_jitable
@@ -115,3 +130,61 @@ def float32_to_bfloat16_bits(value):
         return np.uint16((bits >> np.uint32(16)) | np.uint32(0x0040))
     odd = (bits >> np.uint32(16)) & np.uint32(1)
     return np.uint16((bits + np.uint32(0x7FFF) + odd) >> np.uint32(16))
+
+
+#: The kernel-side integer view of each 16-bit storage format (see the module's table).
+VIEW_DTYPES = {"float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.int16)}
+
+
+def storage_view(array, storage):
+    """``array`` (NumPy, of 16-bit storage dtype named ``storage``) as the kernel view.
+
+    float16 -> uint16, bfloat16 -> int16 (a zero-copy ``.view``); other storage dtypes are
+    returned unchanged.  The view keeps the array's shape and strides.
+    """
+    view = VIEW_DTYPES.get(storage)
+    return array if view is None else array.view(view)
+
+
+def widen(value):
+    """A stored value as the number it holds: float32 for 16-bit storage, else itself."""
+    if isinstance(value, np.uint16):
+        return float16_bits_to_float32(value)
+    if isinstance(value, np.int16):
+        return bfloat16_bits_to_float32(value)
+    if isinstance(value, np.float16):
+        return np.float32(value)
+    return value
+
+
+def narrow(value, dtype):
+    """``value`` rounded (to nearest even) into storage ``dtype``, a kernel array's dtype."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint16:
+        return float32_to_float16_bits(np.float32(value))
+    if dtype == np.int16:
+        return np.uint16(float32_to_bfloat16_bits(np.float32(value))).view(np.int16)
+    return dtype.type(value)
+
+
+@overload(widen, target="generic")
+def _widen(value):
+    if value == types.uint16:
+        return lambda value: float16_bits_to_float32(value)
+    if value == types.int16:
+        return lambda value: bfloat16_bits_to_float32(value)
+    if value == types.float16:
+        return lambda value: numba.float32(value)
+    return lambda value: value
+
+
+@overload(narrow, target="generic")
+def _narrow(value, dtype):
+    storage = getattr(dtype, "dtype", getattr(dtype, "instance_type", None))
+    if storage == types.uint16:
+        return lambda value, dtype: float32_to_float16_bits(numba.float32(value))
+    if storage == types.int16:
+        return lambda value, dtype: numba.int16(float32_to_bfloat16_bits(numba.float32(value)))
+    if storage in (types.float16, types.float32, types.float64):
+        return lambda value, dtype: storage(value)
+    return None

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fastbn.half import (bfloat16_bits_to_float32, float16_bits_to_float32,
-                         float32_to_bfloat16_bits, float32_to_float16_bits)
+                         float32_to_bfloat16_bits, float32_to_float16_bits, narrow,
+                         storage_view, widen)
 
 
 @numba.njit(cache=True)
@@ -94,3 +95,28 @@ def test_python_implementation_matches_the_jitted_one():
             np.testing.assert_array_equal([narrow(v) for v in values], _narrow(values, bfloat16))
             np.testing.assert_array_equal(np.float32([widen(b) for b in bits]).view(np.uint32),
                                           _widen(bits, bfloat16).view(np.uint32))
+
+
+@numba.njit(cache=True)
+def _scaled_copy(x, factor, y):
+    for i in range(x.size):
+        y[i] = narrow(widen(x[i]) * factor, y.dtype)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16", "float32", "float64"])
+def test_widen_and_narrow_select_the_format_from_the_view_dtype(storage):
+    """One kernel source serves every storage dtype: the view's dtype picks the codec."""
+    dtype = _bfloat16() if storage == "bfloat16" else np.dtype(storage)
+    values = np.float32([1.5, -3.25, 1e-3, 7e4, -0.0, 3e-6, np.inf, 1 + 2.0 ** -9])
+    with np.errstate(over="ignore"):
+        x = values.astype(dtype)
+        # x * 3 is exact in float32 (at most 11 + 2 significant bits): one rounding only.
+        factor = np.float64(3) if storage == "float64" else np.float32(3)
+        expected = (x.astype(factor.dtype) * factor).astype(dtype)
+    y = np.empty_like(x)
+    _scaled_copy(storage_view(x, storage), factor, storage_view(y, storage))
+    np.testing.assert_array_equal(y.view(np.uint8), expected.view(np.uint8))
+    python = np.empty_like(storage_view(x, storage))  # the simulator's path: plain Python
+    with np.errstate(over="ignore"):
+        _scaled_copy.py_func(storage_view(x, storage), factor, python)
+    np.testing.assert_array_equal(python.view(np.uint8), expected.view(np.uint8))
