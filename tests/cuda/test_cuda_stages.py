@@ -2,7 +2,7 @@
 statistics, and the public stages composing to what batch_norm_forward/backward return.
 
 Runs where tests/cuda runs (a GPU, or Numba's CUDA simulator); shapes are tiny and the
-launch configuration small so that every merge path runs (see test_cuda_backend.py).
+launch configuration small so that every merge path runs (see _cuda_checks.py).
 """
 
 import numba

@@ -1,0 +1,86 @@
+"""The CUDA backend's dispatch and argument errors: host and device arrays are not
+mixed, dtypes are named, checks run before device work; the launch configuration."""
+
+import numba
+import numpy as np
+import pytest
+from numba import cuda
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+if not (SIMULATOR or cuda.is_available()):
+    pytest.skip("numba.cuda has neither a GPU nor the simulator (NUMBA_ENABLE_CUDASIM=1)",
+                allow_module_level=True)
+
+from _cuda_checks import device, host, make_case  # noqa: E402
+
+import fastbn  # noqa: E402
+from fastbn.cuda import launch_config  # noqa: E402
+
+
+def test_mixing_host_and_device_arrays_names_the_argument(rng):
+    case = make_case(rng, (3, 4, 5, 6), "NCHW", np.float32)
+    d_x = device(case["x"])
+    with pytest.raises(TypeError, match=r"^weight: expected a CUDA device array like x"):
+        fastbn.batch_norm_forward(d_x, case["weight"])
+    with pytest.raises(TypeError, match=r"^running_var: expected a CUDA device array like x"):
+        fastbn.batch_norm_forward(d_x, running_mean=device(case["running_mean"]),
+                                  running_var=case["running_var"])
+    with pytest.raises(TypeError, match=r"^save_mean: expected a CUDA device array like dy"):
+        fastbn.batch_norm_backward(d_x, d_x, np.zeros(4), device(np.ones(4)))
+    with pytest.raises(TypeError, match=r"^x: expected a CUDA device array like dy"):
+        fastbn.batch_norm_backward(d_x, case["x"], device(np.zeros(4)), device(np.ones(4)))
+    # A host x with a device out: the host side decides, out is named.
+    with pytest.raises(TypeError, match=r"^out: expected a numpy.ndarray like x"):
+        fastbn.batch_norm_forward(case["x"], out=d_x)
+
+
+def test_float16_parameters_must_be_float32(rng):
+    case = make_case(rng, (3, 4, 5, 6), "NCHW", np.float16)
+    with pytest.raises(TypeError, match=r"^weight: expected dtype float32, got float16"):
+        fastbn.batch_norm_forward(device(case["x"]), device(case["weight"].astype(np.float16)))
+    with pytest.raises(TypeError, match=r"^save_mean: expected dtype float32 or float64, got float16"):
+        fastbn.batch_norm_backward(device(case["dy"]), device(case["x"]),
+                                   device(np.zeros(4, np.float16)), device(np.ones(4, np.float32)))
+
+
+def test_float16_stays_refused_on_the_host(rng):
+    with pytest.raises(TypeError, match=r"^x: expected dtype float32 or float64, got float16"):
+        fastbn.batch_stats(np.ones((2, 3), dtype=np.float16))
+
+
+def test_checks_run_before_any_device_work(rng):
+    case = make_case(rng, (3, 4, 5, 6), "NCHW", np.float32)
+    d_rm, d_rv = device(case["running_mean"]), device(case["running_var"])
+    with pytest.raises(ValueError, match=r"^momentum: expected a number in \[0.0, 1.0\]"):
+        fastbn.batch_norm_forward(device(case["x"]), running_mean=d_rm, running_var=d_rv, momentum=2.0)
+    np.testing.assert_array_equal(host(d_rm), case["running_mean"])
+    np.testing.assert_array_equal(host(d_rv), case["running_var"])
+
+
+def test_unavailable_cuda_is_a_clear_error(monkeypatch, rng):
+    import fastbn.cuda as backend
+    monkeypatch.setattr(backend, "SIMULATOR", False)
+    monkeypatch.setattr(backend._cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="numba.cuda cannot use a GPU"):
+        fastbn.batch_stats(device(np.ones((2, 3))))
+
+
+def test_launch_config_override_validates_and_restores():
+    before = (launch_config.threads_per_block, launch_config.max_blocks, launch_config.values_per_block)
+    with pytest.raises(ValueError, match="threads_per_block"):
+        with launch_config.override(threads_per_block=48):
+            pass
+    with pytest.raises(TypeError, match="no field"):
+        with launch_config.override(blocks=3):
+            pass
+    with launch_config.override(max_blocks=7):
+        assert launch_config.max_blocks == 7
+    assert (launch_config.threads_per_block, launch_config.max_blocks, launch_config.values_per_block) == before
+
+
+def test_describe():
+    description = fastbn.cuda.describe()
+    if SIMULATOR:
+        assert description == "Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
+    else:
+        assert isinstance(description, str) and "compute capability" in description
