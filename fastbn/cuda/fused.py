@@ -23,8 +23,8 @@ the stage-by-stage composition's.
 from .. import dtypes
 from . import channels, streams, views, workspace
 from .arrays import as_numba
-from .elementwise import MAX_DYNAMIC_SHARED, elementwise_kernels, eval_shared_bytes
-from .plans import ReductionPlan, channel_grid, elementwise_grid
+from .elementwise import MAX_DYNAMIC_SHARED, eval_shared_bytes, launch_apply_eval
+from .plans import ReductionPlan, channel_grid
 from .stages import (FLOAT64, _apply_kernel, _backward_apply_kernel, _launch, _new, _numba, _on_device_of,
                      _partials, epilogue_floor, launch_moments, launch_sums, plane_size)
 
@@ -47,7 +47,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     xf = views.kernel_input(x, geom, stream, caller)
     rf = None if residual is None else views.kernel_input(as_numba(residual), geom, stream, caller)
     inputs = (xf,) if rf is None else (xf, rf)
-    epilogue = (xf if rf is None else rf, rf is not None, epilogue_floor(activation, x.dtype))
+    floor = epilogue_floor(activation, x.dtype)
     num_channels = geom.kept
     saved = _new(caller, stream, 2, num_channels, policy.statistics)
     save_mean, save_invstd = _numba(*saved)
@@ -56,11 +56,10 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     if not training and shared_bytes <= MAX_DYNAMIC_SHARED:
         native, target = views.output_target(as_numba(out), inputs, geom, x.dtype, caller, stream)
         # Absent optional vectors are placeholders of their dtype, read only under their flag.
-        _launch(elementwise_kernels(x.dtype).apply_eval, elementwise_grid(xf.size), stream,
-                xf, *epilogue, plane_size(geom), num_channels, running_mean, running_var,
-                running_mean if weight is None else weight, running_mean if bias is None else bias,
-                weight is not None, bias is not None, eps, big, save_mean, save_invstd, target,
-                shared_bytes=shared_bytes)
+        launch_apply_eval(xf, rf, target, floor, plane_size(geom), num_channels,
+                          (running_mean, running_var, running_mean if weight is None else weight,
+                           running_mean if bias is None else bias, weight is not None, bias is not None, eps, big,
+                           save_mean, save_invstd), stream)
         return views.finish_output(native, target, out, geom, stream), saved[0], saved[1]
     center, scale, shift = _vectors(caller, stream, "forward.coefficients", 3, num_channels, policy.compute)
     # Absent optional vectors are placeholders of their dtype, read only under their flag.

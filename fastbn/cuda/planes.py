@@ -24,7 +24,8 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .. import dtypes
+from ..half import widen
+from .arrays import policy_of
 from .channels import finish_moments, finish_sums
 from .merge import (MAX_WARPS, block_merge, block_sum2, finished_last, merge_channel_partials, sum_channel_partials,
                     thread_partial)
@@ -37,9 +38,8 @@ FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_su
 @functools.cache
 def planes_kernels(dtype):
     """The planes kernels (a :class:`FamilyKernels`) for storage ``dtype``."""
-    policy = dtypes.policy(dtype)
+    policy = policy_of(dtype)
     acc = policy.accumulate.type
-    comp = policy.compute.type
 
     @cuda.jit
     def planes_moments(x, num_channels, plane_size, chunk, part_n, part_mean, part_m2, counters,
@@ -67,9 +67,9 @@ def planes_kernels(dtype):
         s2 = acc(0)
         values = 0
         if j < end:
-            pivot = acc(x[(n * num_channels + c) * plane_size + s])
+            pivot = acc(widen(x[(n * num_channels + c) * plane_size + s]))
         while j < end:
-            d = acc(x[(n * num_channels + c) * plane_size + s]) - pivot
+            d = acc(widen(x[(n * num_channels + c) * plane_size + s])) - pivot
             s1 += d
             s2 += d * d
             values += 1
@@ -124,9 +124,9 @@ def planes_kernels(dtype):
         s2 = acc(0)
         while j < end:
             i = (n * num_channels + c) * plane_size + s
-            g = acc(dy[i])
+            g = acc(widen(dy[i]))
             s1 += g
-            s2 += g * (acc(x[i]) - m)
+            s2 += g * (acc(widen(x[i])) - m)
             j += step
             s += step
             while s >= plane_size:

@@ -22,7 +22,8 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .. import dtypes
+from ..half import widen
+from .arrays import policy_of
 from .config import MAX_THREADS_PER_BLOCK
 from .channels import finish_moments, finish_sums
 from .merge import (column_merge, column_sum2, finished_last, merge_channel_partials, sum_channel_partials,
@@ -33,9 +34,8 @@ from .planes import FamilyKernels
 @functools.cache
 def rows_kernels(dtype):
     """The rows kernels (a :class:`~fastbn.cuda.planes.FamilyKernels`) for storage ``dtype``."""
-    policy = dtypes.policy(dtype)
+    policy = policy_of(dtype)
     acc = policy.accumulate.type
-    comp = policy.compute.type
 
     @cuda.jit
     def rows_moments(x, num_channels, rows_per_block, part_n, part_mean, part_m2, counters, out_n, out_mean, out_m2,
@@ -60,9 +60,9 @@ def rows_kernels(dtype):
         values = 0
         if c < num_channels:
             if r < end:
-                pivot = acc(x[r * num_channels + c])
+                pivot = acc(widen(x[r * num_channels + c]))
             while r < end:
-                d = acc(x[r * num_channels + c]) - pivot
+                d = acc(widen(x[r * num_channels + c])) - pivot
                 s1 += d
                 s2 += d * d
                 values += 1
@@ -116,9 +116,9 @@ def rows_kernels(dtype):
             m = acc(mean[c])
             while r < end:
                 i = r * num_channels + c
-                g = acc(dy[i])
+                g = acc(widen(dy[i]))
                 s1 += g
-                s2 += g * (acc(x[i]) - m)
+                s2 += g * (acc(widen(x[i])) - m)
                 r += cuda.blockDim.y
         sum_dy, sum_dy_xmu = column_sum2(np.float64(s1), np.float64(s2), shared_a, shared_b)
         if cuda.gridDim.y == 1:

@@ -29,11 +29,10 @@ from .. import dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import PLANES, batch_norm_geometry
 from ..stats import BackwardSums, Moments
-from . import channels, launching, streams, views, workspace
-from .arrays import as_numba, empty, strided_view
-from .elementwise import elementwise_kernels
+from . import channels, elementwise, launching, streams, views, workspace
+from .arrays import as_numba, empty, policy_of, strided_view
 from .planes import planes_kernels
-from .plans import ReductionPlan, channel_grid, elementwise_grid
+from .plans import ReductionPlan, channel_grid
 from .rows import rows_kernels
 
 FLOAT64 = np.dtype(np.float64)
@@ -221,21 +220,20 @@ def plane_size(geom):
 def epilogue_floor(activation, dtype):
     """The apply kernel's lower bound in the compute dtype of storage ``dtype``: 0 for
     ``"relu"``, -inf for none (as :func:`fastbn.cpu.stages.epilogue_floor`)."""
-    return dtypes.policy(dtype).compute.type(0.0 if activation == "relu" else -np.inf)
+    return policy_of(dtype).compute.type(0.0 if activation == "relu" else -np.inf)
 
 
 def _apply_kernel(xf, yf, geom, dtype, stream, center, scale, shift, residual=None, activation=None):
     """yf = activation((xf - center[c]) * scale[c] + shift[c] + residual) over flat buffers
     (``residual`` a flat buffer like xf, or None)."""
-    _launch(elementwise_kernels(np.dtype(dtype)).apply, elementwise_grid(xf.size), stream,
-            xf, xf if residual is None else residual, residual is not None, epilogue_floor(activation, dtype),
-            plane_size(geom), geom.kept, center, scale, shift, yf)
+    elementwise.launch_apply(xf, residual, yf, epilogue_floor(activation, dtype), plane_size(geom), geom.kept,
+                             center, scale, shift, stream)
 
 
 def _backward_apply_kernel(dyf, xf, dxf, geom, dtype, stream, center, dy_scale, x_scale, shift):
     """dxf = dyf * dy_scale[c] + (xf - center[c]) * x_scale[c] + shift[c] over flat buffers."""
-    _launch(elementwise_kernels(np.dtype(dtype)).backward_apply, elementwise_grid(xf.size), stream,
-            dyf, xf, plane_size(geom), geom.kept, center, dy_scale, x_scale, shift, dxf)
+    elementwise.launch_backward_apply(dyf, xf, dxf, plane_size(geom), geom.kept, center, dy_scale, x_scale, shift,
+                                      stream)
 
 
 @_on_device_of(lambda x, *rest: x)
@@ -261,7 +259,7 @@ def relu_mask(dy, y, geom):
     dy, y = _numba(dy, y)
     dyf, yf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(y, geom, stream, caller)
     native, target = views.new_output(caller, geom, dy.dtype, stream)
-    _launch(elementwise_kernels(dy.dtype).relu_mask, elementwise_grid(dyf.size), stream, dyf, yf, target)
+    elementwise.launch_relu_mask(dyf, yf, target, stream)
     return native
 
 

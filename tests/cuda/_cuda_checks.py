@@ -20,9 +20,11 @@ from numba import cuda
 import fastbn
 from fastbn import reference
 from fastbn._checks import values_per_channel
+from fastbn.dtypes import numpy_dtype, policy
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
-FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+BFLOAT16 = numpy_dtype("bfloat16")  # None without ml_dtypes
+FLOAT_DTYPES = (np.float16, np.float32, np.float64) + (() if BFLOAT16 is None else (BFLOAT16.type,))
 LAYOUTS = ("NCHW", "NHWC")
 #: Small geometry: one warp per block, 4 blocks at most (so the elementwise kernels
 #: loop grid-stride and each channel is reduced by one block).
@@ -36,13 +38,29 @@ SHAPES = [(3, 4, 5, 6)] if SIMULATOR else [(3, 4, 5, 6), (8, 16, 17, 19), (2, 3,
 # --------------------------------------------------------------------------- helpers
 
 def param_dtype(dtype):
-    """weight / bias / running statistics dtype: float32 for float16 input."""
-    return np.float32 if dtype == np.float16 else dtype
+    """weight / bias / running statistics dtype: float32 for 16-bit input."""
+    return policy(dtype).parameters.type
 
 
 def accumulator_eps(dtype):
-    """Unit roundoff-scale of the sums: float32 for float16 input, float64 otherwise."""
-    return np.finfo(np.float32 if dtype == np.float16 else np.float64).eps
+    """Unit roundoff-scale of the sums: float32 for 16-bit input, float64 otherwise."""
+    return np.finfo(policy(dtype).accumulate).eps
+
+
+def storage_spacing(value, dtype):
+    """The spacing of 16-bit storage ``dtype`` at |``value``| (rounded into it): float16's
+    from NumPy; bfloat16's is float32's at the same value times 2**16 (8 mantissa bits
+    instead of 24, the same exponent range, subnormals included)."""
+    stored = np.abs(np.asarray(value, dtype=np.float64)).astype(dtype)
+    if np.dtype(dtype) == np.float16:
+        return np.spacing(stored).astype(np.float64)
+    return np.spacing(stored.astype(np.float32)).astype(np.float64) * 2.0 ** 16
+
+
+def reference_input(a):
+    """``a`` as the NumPy reference takes it: bfloat16 (which it does not store) as
+    float64, the exact values; other dtypes unchanged."""
+    return a.astype(np.float64) if a is not None and a.dtype == BFLOAT16 else a
 
 
 def stats_rtol(x, layout):
@@ -76,14 +94,13 @@ def elementwise_atol(dtype, magnitude, reference_value):
     sum) in the compute dtype (float32 for float16 and float32, float64 for float64)
     from coefficients rounded once from the accumulator: at most 8 roundings of an
     operand no larger than ``magnitude`` (the largest |term| of the result), i.e.
-    <= 4 eps * magnitude.  float16 results are then rounded to float16, as is the
-    reference's float64 result: the two may land on neighbouring float16 values, one
-    float16 spacing of the result apart.
+    <= 4 eps * magnitude.  16-bit results are then rounded to their format, as is (or
+    may be) the reference's float64 result: the two may land on neighbouring values,
+    one spacing of the format at the result apart.
     """
-    compute = np.float32 if dtype == np.float16 else dtype
-    atol = 4 * np.finfo(compute).eps * magnitude
-    if dtype == np.float16:
-        atol = atol + np.spacing(np.abs(reference_value).astype(np.float16)).astype(np.float64)
+    atol = 4 * np.finfo(policy(dtype).compute).eps * magnitude
+    if np.dtype(dtype).itemsize == 2:
+        atol = atol + storage_spacing(reference_value, dtype)
     return atol
 
 
@@ -132,10 +149,10 @@ def check_forward(case, layout, training, momentum=0.1, eps=1e-5, use_affine=Tru
         momentum=momentum, eps=eps, layout=layout)
     rm_ref, rv_ref = case["running_mean"].copy(), case["running_var"].copy()
     y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(
-        x, weight, bias, running_mean=rm_ref, running_var=rv_ref, training=training,
+        reference_input(x), weight, bias, running_mean=rm_ref, running_var=rv_ref, training=training,
         momentum=momentum, eps=eps, layout=layout)
 
-    stat_dtype = np.float32 if dtype == np.float16 else np.float64
+    stat_dtype = policy(dtype).statistics
     assert cuda.devicearray.is_cuda_ndarray(y) and y.shape == x.shape and y.dtype == x.dtype
     assert save_mean.dtype == save_invstd.dtype == stat_dtype
     assert save_mean.shape == (x.shape[1 if layout == "NCHW" else -1],)
@@ -173,7 +190,7 @@ def check_backward(case, layout, training, save_mean, save_invstd, use_weight=Tr
         d_dy, d_x, save_mean, save_invstd, device(weight), training=training, layout=layout)
     mean, invstd = host(save_mean), host(save_invstd)
     dx_ref, dweight_ref, dbias_ref = reference.batch_norm_backward(
-        dy, x, mean, invstd, weight, training=training, layout=layout)
+        reference_input(dy), reference_input(x), mean, invstd, weight, training=training, layout=layout)
 
     assert dx.shape == x.shape and dx.dtype == x.dtype
     assert dweight.dtype == dbias.dtype == param_dtype(dtype)
