@@ -1,0 +1,114 @@
+"""The elementwise kernels' variants (:mod:`fastbn.cuda.loadstore`) against NumPy.
+
+16-bit storage runs two values per 32-bit word when every array of a launch starts at
+the same 4-byte phase, the odd element at each end singly; other phases run one value
+at a time.  Tensors index in 32 bits below a threshold and in 64 bits past it; the
+threshold is lowered here so a tiny tensor runs the 64-bit kernels.  Every variant must
+give the same values, within one rounding of the storage format of the float64 truth.
+"""
+
+import numba
+import numpy as np
+import pytest
+from numba import cuda
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+if not (SIMULATOR or cuda.is_available()):
+    pytest.skip("numba.cuda has neither a GPU nor the simulator (NUMBA_ENABLE_CUDASIM=1)",
+                allow_module_level=True)
+
+from _cuda_checks import BFLOAT16, FLOAT_DTYPES, ONE_WARP, device, host, make_case, storage_spacing  # noqa: E402
+
+import fastbn  # noqa: E402
+from fastbn.cuda import elementwise, launch_config, loadstore  # noqa: E402
+from fastbn.cuda.arrays import as_numba  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
+
+SIXTEEN_BIT = [d for d in FLOAT_DTYPES if np.dtype(d).itemsize == 2]
+#: 37 values: an odd count (a single element after the last word), planes of 3 values
+#: (odd, so words straddle planes and channels), 2 channels.
+SIZE, PLANE, CHANNELS = 37, 3, 2
+
+
+@pytest.fixture
+def variants(monkeypatch):
+    """A list that receives the :class:`~fastbn.cuda.loadstore.Variant` of every launch."""
+    seen = []
+    real = elementwise.variant_of
+
+    def recording(size, phases):
+        seen.append(real(size, phases))
+        return seen[-1]
+
+    monkeypatch.setattr(elementwise, "variant_of", recording)
+    return seen
+
+
+def _flat(values, dtype, offset):
+    """``values`` stored as ``dtype`` in a device buffer from element ``offset`` (the
+    kernel view of that stretch, and the buffer)."""
+    buffer = np.zeros(len(values) + 2, dtype)
+    buffer[offset:offset + len(values)] = values.astype(dtype)
+    d = device(buffer)
+    return as_numba(d)[offset:offset + len(values)], d
+
+
+def _channel_of(size):
+    return (np.arange(size) // PLANE) % CHANNELS
+
+
+def _assert_stored_close(got_buffer, offset, truth, dtype):
+    got = host(got_buffer)[offset:offset + len(truth)].astype(np.float64)
+    np.testing.assert_array_less(np.abs(got - truth), storage_spacing(truth, dtype) + 1e-30)
+
+
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 1, 1), (0, 1, 0)], ids=["aligned", "both-odd", "mixed"])
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_16_bit_words_and_single_values_agree_with_numpy(rng, variants, dtype, offsets):
+    """apply (with residual and ReLU), backward_apply and relu_mask on every phase:
+    words with the single elements at both ends, or single values throughout."""
+    x = rng.standard_normal(SIZE) * 4
+    r = rng.standard_normal(SIZE)
+    g = rng.standard_normal(SIZE)
+    c = _channel_of(SIZE)
+    center, scale, shift = (rng.standard_normal(CHANNELS).astype(np.float32) for _ in range(3))
+    xf, _ = _flat(x, dtype, offsets[0])
+    rf, _ = _flat(r, dtype, offsets[1])
+    gf, _ = _flat(g, dtype, offsets[0])
+    yf, y_buffer = _flat(np.zeros(SIZE), dtype, offsets[2])
+    x, r, g = (np.asarray(v.astype(dtype), np.float64) for v in (x, r, g))
+    vectors = [cuda.to_device(v) for v in (center, scale, shift)]
+    with launch_config.override(**ONE_WARP):
+        elementwise.launch_apply(xf, rf, yf, np.float32(0), PLANE, CHANNELS, *vectors, 0)
+        truth = np.maximum((x - center[c]) * scale[c] + shift[c] + r, 0)
+        _assert_stored_close(y_buffer, offsets[2], truth, dtype)
+        # dy_scale = scale, x_scale = shift, shift = center: three distinct vectors.
+        elementwise.launch_backward_apply(gf, xf, yf, PLANE, CHANNELS, *vectors, vectors[0], 0)
+        truth = g * scale[c] + (x - center[c]) * shift[c] + center[c]
+        _assert_stored_close(y_buffer, offsets[2], truth, dtype)
+        elementwise.launch_relu_mask(gf, xf, yf, 0)
+        _assert_stored_close(y_buffer, offsets[2], np.where(x <= 0, 0, g), dtype)
+    paired = offsets[0] == offsets[1] == offsets[2]
+    assert [v.paired for v in variants] == [paired, offsets[0] == offsets[2], offsets[0] == offsets[2]]
+    assert not any(v.wide_index for v in variants)
+
+
+@pytest.mark.parametrize("dtype", [np.float32] + ([BFLOAT16.type] if BFLOAT16 is not None else []))
+def test_64_bit_indices_give_the_32_bit_results(rng, monkeypatch, variants, dtype):
+    """The whole training step, with the 64-bit index kernels forced on a tiny tensor."""
+    case = make_case(rng, (3, 4, 5, 7), "NCHW", dtype)
+    d = {k: device(v) for k, v in case.items()}
+
+    def step():
+        y, mean, invstd = fastbn.batch_norm_forward(d["x"], d["weight"], d["bias"])
+        dx, dw, db = fastbn.batch_norm_backward(d["dy"], d["x"], mean, invstd, d["weight"])
+        return [host(a) for a in (y, dx, dw, db)]
+
+    with launch_config.override(**ONE_WARP):
+        narrow = step()
+        monkeypatch.setattr(loadstore, "INDEX32_LIMIT", 2)
+        wide = step()
+    assert [v.wide_index for v in variants] == [False] * 2 + [True] * 2
+    for a, b in zip(narrow, wide):
+        np.testing.assert_array_equal(a, b)
