@@ -11,7 +11,7 @@ if not (SIMULATOR or cuda.is_available()):
     pytest.skip("numba.cuda has neither a GPU nor the simulator (NUMBA_ENABLE_CUDASIM=1)",
                 allow_module_level=True)
 
-from _cuda_checks import device, host, make_case  # noqa: E402
+from _cuda_checks import BFLOAT16, device, host, make_case  # noqa: E402
 
 import fastbn  # noqa: E402
 from fastbn.cuda import launch_config  # noqa: E402
@@ -38,9 +38,20 @@ def test_float16_parameters_must_be_float32(rng):
     case = make_case(rng, (3, 4, 5, 6), "NCHW", np.float16)
     with pytest.raises(TypeError, match=r"^weight: expected dtype float32, got float16"):
         fastbn.batch_norm_forward(device(case["x"]), device(case["weight"].astype(np.float16)))
+    if BFLOAT16 is not None:
+        with pytest.raises(TypeError, match=r"^bias: expected dtype float32, got bfloat16"):
+            fastbn.batch_norm_forward(device(case["x"].astype(BFLOAT16)), device(case["weight"]),
+                                      device(case["bias"].astype(BFLOAT16)))
     with pytest.raises(TypeError, match=r"^save_mean: expected dtype float32 or float64, got float16"):
         fastbn.batch_norm_backward(device(case["dy"]), device(case["x"]),
                                    device(np.zeros(4, np.float16)), device(np.ones(4, np.float32)))
+
+
+def test_int16_device_arrays_are_not_taken_for_bfloat16():
+    """bfloat16 on the device is named by its dtype (ml_dtypes.bfloat16 arrays, torch.bfloat16
+    tensors); an int16 array is integers, refused like any other non-float dtype."""
+    with pytest.raises(TypeError, match=r"^x: expected dtype float16 or .*float64, got int16$"):
+        fastbn.batch_stats(device(np.ones((2, 3), np.int16)))
 
 
 def test_float16_stays_refused_on_the_host(rng):
