@@ -105,8 +105,11 @@ def test_reduction_kernels_compile_to_ptx(compile_ptx, dtype, finalize):
     ptx = compile_ptx(planes.moments, x, 4, 5, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
     assert "shfl.sync.down" in ptx  # the warp merge uses shuffles
     assert "atom.global.add" in ptx and "membar.gl" in ptx  # the last-block merge
+    # The loop over values carries its index in 32 bits: no 64-bit index arithmetic.
+    assert not _wide_arithmetic("\n".join(_element_loop(ptx)))
     ptx = compile_ptx(rows.moments, x, 4, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
     assert "atom.global.add" in ptx
+    assert not _wide_arithmetic("\n".join(_element_loop(ptx)))
     for mean in STATISTICS:
         finish = _backward_finish(dtype, finalize, mean)
         compile_ptx(planes.backward_sums, x, x, _vector(mean), 4, 5, 3, partials, partials, counters,
@@ -125,11 +128,10 @@ def _wide_arithmetic(ptx):
     return re.findall(r"\b(?:mul|mad|div|rem)(?:\.lo|\.hi)?\.[su]64\b", ptx)
 
 
-def _loop_body(ptx):
-    """The instructions of the largest loop (from a label to the last branch back to it):
-    the elementwise kernels' unrolled grid-stride loop."""
+def _loops(ptx):
+    """The instructions of every loop (from a label to the last branch back to it)."""
     lines = [line.strip() for line in ptx.splitlines()]
-    largest = []
+    loops = []
     for start, line in enumerate(lines):
         label = re.fullmatch(r"(\$L__BB\d+_\d+):", line)
         if not label:
@@ -137,10 +139,19 @@ def _loop_body(ptx):
         back = [end for end in range(start + 1, len(lines)) if re.search(rf"\bbra(?:\.uni)?\s+\{label.group(1)};",
                                                                          lines[end])]
         if back:
-            body = [op for op in lines[start + 1:back[-1] + 1]
-                    if op and not op.endswith(":") and not op.startswith((".", "//", "{", "}"))]
-            largest = max(largest, body, key=len)
-    return largest
+            loops.append([op for op in lines[start + 1:back[-1] + 1]
+                          if op and not op.endswith(":") and not op.startswith((".", "//", "{", "}"))])
+    return loops
+
+
+def _loop_body(ptx):
+    """The largest loop: the elementwise kernels' unrolled grid-stride loop."""
+    return max(_loops(ptx), key=len)
+
+
+def _element_loop(ptx):
+    """The smallest loop that loads from global memory: a reduction's loop over values."""
+    return min((loop for loop in _loops(ptx) if any(op.startswith("ld.global") for op in loop)), key=len)
 
 
 #: (storage kernel view, paired): 16-bit storage runs paired (bfloat16's view is int16).

@@ -46,14 +46,24 @@ def variant_of(size, phases):
     """The :class:`Variant` for ``size`` elements of 16-bit storage whose arrays start at
     byte ``phases`` modulo 4 (an empty tuple for wider storage): pairs when they all
     share one phase, 32-bit indices below :data:`INDEX32_LIMIT`."""
-    return Variant(len(set(phases)) == 1 and size >= 2, size >= INDEX32_LIMIT)
+    return Variant(len(set(phases)) == 1 and size >= 2, needs_wide_index(size))
+
+
+def index_type(wide_index):
+    """The index type of one index width: int64 when ``wide_index``, else uint32."""
+    return np.int64 if wide_index else np.uint32
+
+
+def needs_wide_index(size):
+    """True when a launch over ``size`` elements must index in 64 bits."""
+    return size >= INDEX32_LIMIT
 
 
 @functools.cache
 def walkers(wide_index):
     """``(index, cursor, advance, next_channel)``: the index type and the cursor device
     functions of one index width."""
-    index = np.int64 if wide_index else np.uint32
+    index = index_type(wide_index)
 
     @cuda.jit(device=True)
     def cursor(e, plane_size, num_channels):

@@ -14,7 +14,9 @@ Threads of a channel are merged with a shared-memory tree over ``threadIdx.y`` (
 shuffles would merge different channels here) and each block writes one float64
 partial per channel, merged by a second kernel as for planes.
 
-Kernels are compiled per storage dtype (:func:`rows_kernels`).
+Kernels are compiled per storage dtype (:func:`rows_kernels`) and index width: a thread
+carries its flat index from row to row by one addition, in 32-bit indices below 2**31
+elements (:mod:`fastbn.cuda.loadstore`).
 """
 
 import functools
@@ -24,6 +26,7 @@ from numba import cuda
 
 from ..half import widen
 from .arrays import policy_of
+from .loadstore import index_type
 from .config import MAX_THREADS_PER_BLOCK
 from .channels import finish_moments, finish_sums
 from .merge import (column_merge, column_sum2, finished_last, merge_channel_partials, sum_channel_partials,
@@ -32,10 +35,21 @@ from .planes import FamilyKernels
 
 
 @functools.cache
-def rows_kernels(dtype):
-    """The rows kernels (a :class:`~fastbn.cuda.planes.FamilyKernels`) for storage ``dtype``."""
+def rows_kernels(dtype, wide_index=False):
+    """The rows kernels (a :class:`~fastbn.cuda.planes.FamilyKernels`) for storage
+    (kernel-view) ``dtype``, indexing in int64 when ``wide_index``, else uint32."""
     policy = policy_of(dtype)
     acc = policy.accumulate.type
+    index = index_type(wide_index)
+
+    @cuda.jit(device=True)
+    def first_row(num_channels, rows_per_block):
+        """``(r, i, row_step)`` of this thread: its first row, the flat index of its value
+        there, and the index step between its rows, in the index type."""
+        channels = index(num_channels)
+        r = index(index(cuda.blockIdx.y) * index(rows_per_block) + index(cuda.threadIdx.y))
+        c = index(index(cuda.blockIdx.x) * index(cuda.blockDim.x) + index(cuda.threadIdx.x))
+        return r, index(r * channels + c), index(index(cuda.blockDim.y) * channels)
 
     @cuda.jit
     def rows_moments(x, num_channels, rows_per_block, part_n, part_mean, part_m2, counters, out_n, out_mean, out_m2,
@@ -53,20 +67,22 @@ def rows_kernels(dtype):
         end = (b + 1) * rows_per_block
         if end > num_rows:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
             end = num_rows
-        r = b * rows_per_block + cuda.threadIdx.y
+        r, i, row_step = first_row(num_channels, rows_per_block)
+        last = index(end)
         pivot = acc(0)
         s1 = acc(0)
         s2 = acc(0)
         values = 0
         if c < num_channels:
-            if r < end:
-                pivot = acc(widen(x[r * num_channels + c]))
-            while r < end:
-                d = acc(widen(x[r * num_channels + c])) - pivot
+            if r < last:
+                pivot = acc(widen(x[i]))
+            while r < last:
+                d = acc(widen(x[i])) - pivot
                 s1 += d
                 s2 += d * d
                 values += 1
-                r += cuda.blockDim.y
+                r = index(r + index(cuda.blockDim.y))
+                i = index(i + row_step)
         mean, m2 = thread_partial(pivot, s1, s2, values)
         total, mean, m2 = column_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
         if cuda.gridDim.y == 1:  # one block per channel block: its results are final
@@ -109,17 +125,18 @@ def rows_kernels(dtype):
         end = (b + 1) * rows_per_block
         if end > num_rows:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
             end = num_rows
-        r = b * rows_per_block + cuda.threadIdx.y
+        r, i, row_step = first_row(num_channels, rows_per_block)
+        last = index(end)
         s1 = acc(0)
         s2 = acc(0)
         if c < num_channels:
             m = acc(mean[c])
-            while r < end:
-                i = r * num_channels + c
+            while r < last:
                 g = acc(widen(dy[i]))
                 s1 += g
                 s2 += g * (acc(widen(x[i])) - m)
-                r += cuda.blockDim.y
+                r = index(r + index(cuda.blockDim.y))
+                i = index(i + row_step)
         sum_dy, sum_dy_xmu = column_sum2(np.float64(s1), np.float64(s2), shared_a, shared_b)
         if cuda.gridDim.y == 1:
             if cuda.threadIdx.y == 0 and c < num_channels:

@@ -31,6 +31,7 @@ from ..geometry import PLANES, batch_norm_geometry
 from ..stats import BackwardSums, Moments
 from . import channels, elementwise, launching, streams, views, workspace
 from .arrays import as_numba, empty, policy_of, strided_view
+from .loadstore import needs_wide_index
 from .planes import planes_kernels
 from .plans import ReductionPlan, channel_grid
 from .rows import rows_kernels
@@ -61,8 +62,8 @@ def as_dense(x, geom):
     return views.as_dense(x, geom, streams.for_array(x))
 
 
-def _kernels(geom, dtype):
-    return (planes_kernels if geom.family == PLANES else rows_kernels)(np.dtype(dtype))
+def _kernels(geom, dtype, size):
+    return (planes_kernels if geom.family == PLANES else rows_kernels)(np.dtype(dtype), needs_wide_index(size))
 
 
 def _new(caller, stream, number, shape, dtype):
@@ -116,7 +117,7 @@ def no_forward_finish(placeholder):
 
 def launch_moments(xf, geom, plan, stream, partials, counters, out, finish):
     """Launch the moments reduction of ``geom``'s family (one launch, see the kernels)."""
-    kernel = _kernels(geom, xf.dtype).moments
+    kernel = _kernels(geom, xf.dtype, xf.size).moments
     shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
     launching.launch(kernel, plan.grid, plan.block, stream, xf, *shape_args, *partials, counters, *out, *finish)
 
@@ -289,7 +290,7 @@ def no_backward_finish(placeholder):
 
 def launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, out, finish):
     """Launch the backward-sums reduction of ``geom``'s family (one launch)."""
-    kernel = _kernels(geom, xf.dtype).backward_sums
+    kernel = _kernels(geom, xf.dtype, xf.size).backward_sums
     shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
     launching.launch(kernel, plan.grid, plan.block, stream, dyf, xf, mean, *shape_args, *partials, counters,
                      *out, *finish)

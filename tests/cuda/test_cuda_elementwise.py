@@ -94,16 +94,22 @@ def test_16_bit_words_and_single_values_agree_with_numpy(rng, variants, dtype, o
     assert not any(v.wide_index for v in variants)
 
 
-@pytest.mark.parametrize("dtype", [np.float32] + ([BFLOAT16.type] if BFLOAT16 is not None else []))
-def test_64_bit_indices_give_the_32_bit_results(rng, monkeypatch, variants, dtype):
-    """The whole training step, with the 64-bit index kernels forced on a tiny tensor."""
-    case = make_case(rng, (3, 4, 5, 7), "NCHW", dtype)
+#: float32 on rows (NHWC), bfloat16 on planes (NCHW): both reduction families, a paired
+#: and a single-value elementwise form.
+WIDE_CASES = [(np.float32, "NHWC")] + ([(BFLOAT16.type, "NCHW")] if BFLOAT16 is not None else [])
+
+
+@pytest.mark.parametrize("dtype, layout", WIDE_CASES)
+def test_64_bit_indices_give_the_32_bit_results(rng, monkeypatch, variants, dtype, layout):
+    """The whole training step (reductions and elementwise passes), with the 64-bit
+    index kernels forced on a tiny tensor: the same values, bit for bit."""
+    case = make_case(rng, (3, 4, 5, 7), layout, dtype)
     d = {k: device(v) for k, v in case.items()}
 
     def step():
-        y, mean, invstd = fastbn.batch_norm_forward(d["x"], d["weight"], d["bias"])
-        dx, dw, db = fastbn.batch_norm_backward(d["dy"], d["x"], mean, invstd, d["weight"])
-        return [host(a) for a in (y, dx, dw, db)]
+        y, mean, invstd = fastbn.batch_norm_forward(d["x"], d["weight"], d["bias"], layout=layout)
+        dx, dw, db = fastbn.batch_norm_backward(d["dy"], d["x"], mean, invstd, d["weight"], layout=layout)
+        return [host(a) for a in (y, mean, invstd, dx, dw, db)]
 
     with launch_config.override(**ONE_WARP):
         narrow = step()
