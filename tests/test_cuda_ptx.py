@@ -85,34 +85,42 @@ def _backward_finish(dtype, finalize, mean):
     return (True, _vector(mean), par, True, True, 1e38, par, par, comp, comp, comp, comp)
 
 
-#: bfloat16's reductions compile in their fused form only (the public functions'; the
-#: stage form differs in the placeholder finishing arguments alone, as for float16).
-REDUCTION_FORMS = [(d, f) for d in STORAGE_DTYPES for f in (False, True)] + [(np.int16, True)]
+#: (storage view, fused finishing arguments, planes in 32-bit words).  16-bit planes of
+#: even size are reduced in words (rows never are): float16's fused form compiles that
+#: variant of the planes kernels, its stage form the single-value one; bfloat16 (int16)
+#: compiles its fused form, in words (its single-value planes differ from float16's only
+#: in the conversion its rows kernels compile).
+REDUCTION_FORMS = [(np.float16, False, False), (np.float16, True, True), (np.float32, False, False),
+                   (np.float32, True, False), (np.float64, False, False), (np.float64, True, False),
+                   (np.int16, True, True)]
 
 
-@pytest.mark.parametrize("dtype, finalize", REDUCTION_FORMS,
-                         ids=[f"{np.dtype(d).name}-{'fused' if f else 'stage'}" for d, f in REDUCTION_FORMS])
-def test_reduction_kernels_compile_to_ptx(compile_ptx, dtype, finalize):
+@pytest.mark.parametrize("dtype, finalize, paired", REDUCTION_FORMS,
+                         ids=[f"{np.dtype(d).name}-{'fused' if f else 'stage'}{'-words' if p else ''}"
+                              for d, f, p in REDUCTION_FORMS])
+def test_reduction_kernels_compile_to_ptx(compile_ptx, dtype, finalize, paired):
     from fastbn.cuda.planes import planes_kernels
     from fastbn.cuda.rows import rows_kernels
 
     dtype = np.dtype(dtype)
     x = np.zeros(60, dtype)
+    xp = np.zeros(30, np.uint32) if paired else x
     partials = np.zeros((4, 3))
     counters, f64 = np.zeros(4, np.int32), _vector(np.float64)
-    planes, rows = planes_kernels(dtype), rows_kernels(dtype)
+    planes, rows = planes_kernels(dtype, False, paired), rows_kernels(dtype)
     finish = _forward_finish(dtype, finalize)
-    ptx = compile_ptx(planes.moments, x, 4, 5, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
+    ptx = compile_ptx(planes.moments, xp, 4, 5, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
     assert "shfl.sync.down" in ptx  # the warp merge uses shuffles
     assert "atom.global.add" in ptx and "membar.gl" in ptx  # the last-block merge
-    # The loop over values carries its index in 32 bits: no 64-bit index arithmetic.
-    assert not _wide_arithmetic("\n".join(_element_loop(ptx)))
+    assert _has_a_loop_over_values_in_32_bits(ptx)
+    if paired:  # two values per 32-bit load
+        assert any(op.startswith(("ld.global.u32", "ld.global.b32")) for loop in _loops(ptx) for op in loop)
     ptx = compile_ptx(rows.moments, x, 4, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
     assert "atom.global.add" in ptx
-    assert not _wide_arithmetic("\n".join(_element_loop(ptx)))
+    assert _has_a_loop_over_values_in_32_bits(ptx)
     for mean in STATISTICS:
         finish = _backward_finish(dtype, finalize, mean)
-        compile_ptx(planes.backward_sums, x, x, _vector(mean), 4, 5, 3, partials, partials, counters,
+        compile_ptx(planes.backward_sums, xp, xp, _vector(mean), 4, 5, 3, partials, partials, counters,
                     f64, f64, f64, *finish)
         compile_ptx(rows.backward_sums, x, x, _vector(mean), 4, 3, partials, partials, counters,
                     f64, f64, f64, *finish)
@@ -149,9 +157,13 @@ def _loop_body(ptx):
     return max(_loops(ptx), key=len)
 
 
-def _element_loop(ptx):
-    """The smallest loop that loads from global memory: a reduction's loop over values."""
-    return min((loop for loop in _loops(ptx) if any(op.startswith("ld.global") for op in loop)), key=len)
+def _has_a_loop_over_values_in_32_bits(ptx):
+    """True when some loop loading values from global memory (a reduction's loop over
+    its values, whatever their width) has no 64-bit index arithmetic.  (The merges'
+    loops over float64 partials index 2-D arrays in 64 bits; so did the loops over
+    values before they carried a 32-bit index.)"""
+    loads = re.compile(r"ld\.global(?:\.nc)?\.(?:f32|f64|[bsu]16|[bu]32)\b")
+    return any(not _wide_arithmetic("\n".join(loop)) for loop in _loops(ptx) if any(map(loads.match, loop)))
 
 
 #: (storage kernel view, paired): 16-bit storage runs paired (bfloat16's view is int16).

@@ -14,7 +14,9 @@ several blocks fills the GPU when there are few channels with many values
 channel already does.  A thread advances ``j`` by the block size and carries the offset
 ``s`` in the plane and the flat index along with a subtraction loop instead of an
 integer division and two multiplications per value, in 32-bit indices below 2**31
-elements (as the elementwise kernels, :mod:`fastbn.cuda.loadstore`).
+elements (as the elementwise kernels, :mod:`fastbn.cuda.loadstore`).  16-bit storage
+whose planes have an even size and whose buffers start 4-byte aligned is reduced in
+``uint32`` words, two values per load (``paired``; the launcher decides).
 
 Kernels are compiled per storage dtype (:func:`planes_kernels`), accumulating and
 computing in the dtypes of its :mod:`fastbn.dtypes` policy.
@@ -28,7 +30,7 @@ from numba import cuda
 
 from ..half import widen
 from .arrays import policy_of
-from .loadstore import index_type
+from .loadstore import index_type, pair_codec
 from .channels import finish_moments, finish_sums
 from .merge import (MAX_WARPS, block_merge, block_sum2, finished_last, merge_channel_partials, sum_channel_partials,
                     thread_partial)
@@ -39,12 +41,45 @@ FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_su
 
 
 @functools.cache
-def planes_kernels(dtype, wide_index=False):
+def planes_kernels(dtype, wide_index=False, paired=False):
     """The planes kernels (a :class:`FamilyKernels`) for storage (kernel-view) ``dtype``,
-    indexing in int64 when ``wide_index``, else uint32 (:mod:`fastbn.cuda.loadstore`)."""
+    indexing in int64 when ``wide_index``, else uint32 (:mod:`fastbn.cuda.loadstore`).
+    ``paired`` (16-bit storage): ``x`` and ``dy`` are the ``uint32`` words of planes of
+    even size, two values per load, and ``plane_size`` counts words."""
     policy = policy_of(dtype)
     acc = policy.accumulate.type
     index = index_type(wide_index)
+    span = 2 if paired else 1
+    low, high, _ = pair_codec(dtype) if paired else (None, None, None)
+
+    @cuda.jit(device=True)
+    def first_of(x, i):
+        """The first value of unit ``i`` (the thread's pivot)."""
+        if paired:
+            return acc(low(x[i]))
+        return acc(widen(x[i]))
+
+    @cuda.jit(device=True)
+    def add_moments(x, i, pivot, s1, s2):
+        """The shifted sums with unit ``i``'s values added."""
+        if paired:
+            word = x[i]
+            d0 = acc(low(word)) - pivot
+            d1 = acc(high(word)) - pivot
+            return s1 + d0 + d1, s2 + d0 * d0 + d1 * d1
+        d = acc(widen(x[i])) - pivot
+        return s1 + d, s2 + d * d
+
+    @cuda.jit(device=True)
+    def add_sums(dy, x, i, m, s1, s2):
+        """sum(dy) and sum(dy * (x - m)) with unit ``i``'s values added."""
+        if paired:
+            g, a = dy[i], x[i]
+            g0 = acc(low(g))
+            g1 = acc(high(g))
+            return s1 + g0 + g1, s2 + g0 * (acc(low(a)) - m) + g1 * (acc(high(a)) - m)
+        g = acc(widen(dy[i]))
+        return s1 + g, s2 + g * (acc(widen(x[i])) - m)
 
     @cuda.jit(device=True)
     def first_value(size, num_channels, plane_size, chunk):
@@ -84,12 +119,10 @@ def planes_kernels(dtype, wide_index=False):
         s2 = acc(0)
         values = 0
         if j < end:
-            pivot = acc(widen(x[i]))
+            pivot = first_of(x, i)
         while j < end:
-            d = acc(widen(x[i])) - pivot
-            s1 += d
-            s2 += d * d
-            values += 1
+            s1, s2 = add_moments(x, i, pivot, s1, s2)
+            values += span
             j = index(j + step)
             s = index(s + step)
             i = index(i + step)
@@ -129,15 +162,13 @@ def planes_kernels(dtype, wide_index=False):
         shared_b = cuda.shared.array(MAX_WARPS, np.float64)
         c = cuda.blockIdx.x
         b = cuda.blockIdx.y
-        count = x.size // num_channels
+        count = span * (x.size // num_channels)
         j, end, step, s, i, jump, plane = first_value(x.size, num_channels, plane_size, chunk)
         m = acc(mean[c])
         s1 = acc(0)
         s2 = acc(0)
         while j < end:
-            g = acc(widen(dy[i]))
-            s1 += g
-            s2 += g * (acc(widen(x[i])) - m)
+            s1, s2 = add_sums(dy, x, i, m, s1, s2)
             j = index(j + step)
             s = index(s + step)
             i = index(i + step)

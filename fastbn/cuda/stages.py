@@ -21,6 +21,7 @@ stage launches the kernel of the family the :class:`~fastbn.geometry.Geometry` n
 when its bytes are in neither.
 """
 
+import collections
 import functools
 
 import numpy as np
@@ -30,7 +31,7 @@ from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import PLANES, batch_norm_geometry
 from ..stats import BackwardSums, Moments
 from . import channels, elementwise, launching, streams, views, workspace
-from .arrays import as_numba, empty, policy_of, strided_view
+from .arrays import as_numba, data_pointer, empty, policy_of, strided_view, word_view
 from .loadstore import needs_wide_index
 from .planes import planes_kernels
 from .plans import ReductionPlan, channel_grid
@@ -62,8 +63,29 @@ def as_dense(x, geom):
     return views.as_dense(x, geom, streams.for_array(x))
 
 
-def _kernels(geom, dtype, size):
-    return (planes_kernels if geom.family == PLANES else rows_kernels)(np.dtype(dtype), needs_wide_index(size))
+#: How a reduction runs: its :class:`~fastbn.cuda.plans.ReductionPlan`, the geometry of
+#: its units, its arrays as units, and the kernels (:func:`reduction`).
+Reduction = collections.namedtuple("Reduction", ["plan", "geometry", "units", "kernels"])
+
+
+def reduction(geom, *arrays):
+    """The :class:`Reduction` over flat kernel-order ``arrays`` (x, or dy and x): the
+    family's kernels, in 32-bit indices below 2**31 elements; 16-bit planes of even size
+    whose buffers start 4-byte aligned reduce ``uint32`` words, two values per load."""
+    dtype = arrays[-1].dtype
+    wide = needs_wide_index(arrays[-1].size)
+    if (geom.family == PLANES and dtype.itemsize == 2 and geom.inner % 2 == 0
+            and all(data_pointer(a) % 4 == 0 for a in arrays)):
+        geom = geom._replace(inner=geom.inner // 2)
+        return Reduction(ReductionPlan(geom), geom, tuple(word_view(a, 0) for a in arrays),
+                         planes_kernels(dtype, wide, True))
+    kernels = (planes_kernels if geom.family == PLANES else rows_kernels)(dtype, wide)
+    return Reduction(ReductionPlan(geom), geom, arrays, kernels)
+
+
+def _shape_args(red):
+    g = red.geometry
+    return (g.kept, g.inner, red.plan.share) if g.family == PLANES else (g.kept, red.plan.share)
 
 
 def _new(caller, stream, number, shape, dtype):
@@ -98,13 +120,12 @@ def _launch(kernel, config, stream, *args, shared_bytes=0):
 def moments(x, geom):
     """Per-channel :class:`Moments` of ``x`` (float64 (C,)): one launch, one pass."""
     caller, stream, x = x, streams.for_array(x), as_numba(x)
-    xf = views.kernel_input(x, geom, stream, caller)
-    plan = ReductionPlan(geom)
+    red = reduction(geom, views.kernel_input(x, geom, stream, caller))
     num_channels = geom.kept
-    partials, counters = _partials(caller, stream, "moments", 3, num_channels, plan.num_partials)
+    partials, counters = _partials(caller, stream, "moments", 3, num_channels, red.plan.num_partials)
     result = _new(caller, stream, 3, num_channels, FLOAT64)
     out = _numba(*result)
-    launch_moments(xf, geom, plan, stream, partials, counters, out, no_forward_finish(out[1]))
+    launch_moments(red, stream, partials, counters, out, no_forward_finish(out[1]))
     return Moments(*result)
 
 
@@ -115,11 +136,10 @@ def no_forward_finish(placeholder):
     return (False, p, p, False, False, 1.0, 1.0, 0.0, p, p, False, p, p, p, p, p)
 
 
-def launch_moments(xf, geom, plan, stream, partials, counters, out, finish):
-    """Launch the moments reduction of ``geom``'s family (one launch, see the kernels)."""
-    kernel = _kernels(geom, xf.dtype, xf.size).moments
-    shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
-    launching.launch(kernel, plan.grid, plan.block, stream, xf, *shape_args, *partials, counters, *out, *finish)
+def launch_moments(red, stream, partials, counters, out, finish):
+    """Launch the moments :class:`Reduction` ``red`` (one launch, see the kernels)."""
+    launching.launch(red.kernels.moments, red.plan.grid, red.plan.block, stream, *red.units, *_shape_args(red),
+                     *partials, counters, *out, *finish)
 
 
 @_on_device_of(lambda a, b: a.mean)
@@ -271,13 +291,12 @@ def backward_sums(dy, x, mean, geom):
     """Per-channel :class:`BackwardSums`: count, sum(dy) and sum(dy * (x - mean)), float64."""
     caller, stream = x, streams.for_array(x)
     dy, x, mean = _numba(dy, x, mean)
-    dyf, xf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller)
-    plan = ReductionPlan(geom)
+    red = reduction(geom, views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller))
     num_channels = geom.kept
-    partials, counters = _partials(caller, stream, "sums", 2, num_channels, plan.num_partials)
+    partials, counters = _partials(caller, stream, "sums", 2, num_channels, red.plan.num_partials)
     result = _new(caller, stream, 3, num_channels, FLOAT64)
     out = _numba(*result)
-    launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, out, no_backward_finish(out[1]))
+    launch_sums(red, mean, stream, partials, counters, out, no_backward_finish(out[1]))
     return BackwardSums(*result)
 
 
@@ -288,12 +307,10 @@ def no_backward_finish(placeholder):
     return (False, p, p, False, False, 1.0, p, p, p, p, p, p)
 
 
-def launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, out, finish):
-    """Launch the backward-sums reduction of ``geom``'s family (one launch)."""
-    kernel = _kernels(geom, xf.dtype, xf.size).backward_sums
-    shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
-    launching.launch(kernel, plan.grid, plan.block, stream, dyf, xf, mean, *shape_args, *partials, counters,
-                     *out, *finish)
+def launch_sums(red, mean, stream, partials, counters, out, finish):
+    """Launch the backward-sums :class:`Reduction` ``red`` over (dy, x) (one launch)."""
+    launching.launch(red.kernels.backward_sums, red.plan.grid, red.plan.block, stream, *red.units, mean,
+                     *_shape_args(red), *partials, counters, *out, *finish)
 
 
 @_on_device_of(lambda sums, mean, invstd, *rest: invstd)

@@ -1,10 +1,11 @@
-"""The elementwise kernels' variants (:mod:`fastbn.cuda.loadstore`) against NumPy.
+"""The kernels' variants (:mod:`fastbn.cuda.loadstore`) against NumPy.
 
 16-bit storage runs two values per 32-bit word when every array of a launch starts at
 the same 4-byte phase, the odd element at each end singly; other phases run one value
 at a time.  Tensors index in 32 bits below a threshold and in 64 bits past it; the
 threshold is lowered here so a tiny tensor runs the 64-bit kernels.  Every variant must
 give the same values, within one rounding of the storage format of the float64 truth.
+Reductions over 16-bit planes of even size read words when the buffers are aligned.
 """
 
 import numba
@@ -17,10 +18,11 @@ if not (SIMULATOR or cuda.is_available()):
     pytest.skip("numba.cuda has neither a GPU nor the simulator (NUMBA_ENABLE_CUDASIM=1)",
                 allow_module_level=True)
 
-from _cuda_checks import BFLOAT16, FLOAT_DTYPES, ONE_WARP, device, host, make_case, storage_spacing  # noqa: E402
+from _cuda_checks import (BFLOAT16, FLOAT_DTYPES, ONE_WARP, device, host, make_case,  # noqa: E402
+                          stats_rtol, storage_spacing)
 
 import fastbn  # noqa: E402
-from fastbn.cuda import elementwise, launch_config, loadstore  # noqa: E402
+from fastbn.cuda import elementwise, launch_config, loadstore, stages  # noqa: E402
 from fastbn.cuda.arrays import as_numba  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
@@ -118,3 +120,53 @@ def test_64_bit_indices_give_the_32_bit_results(rng, monkeypatch, variants, dtyp
     assert [v.wide_index for v in variants] == [False] * 2 + [True] * 2
     for a, b in zip(narrow, wide):
         np.testing.assert_array_equal(a, b)
+
+
+def _within(got, want, atol):
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= atol), (got, want, atol)
+
+
+def _misaligned(a):
+    """A device copy of ``a`` starting 2 bytes past a 4-byte boundary."""
+    buffer = cuda.to_device(np.zeros(a.size + 1, a.dtype))
+    view = buffer[1:]
+    view.copy_to_device(a.reshape(-1))
+    return view.reshape(a.shape)
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_16_bit_reductions_in_words_and_single_values_agree_with_numpy(rng, monkeypatch, dtype):
+    """Planes of even size reduce two values per 32-bit word when the buffers are 4-byte
+    aligned, single values otherwise; both within the float32 accumulation bound of the
+    float64 truth (mean, variance; sum(dy), sum(dy * (x - mean)))."""
+    x = (3 + rng.standard_normal((3, 4, 5, 6))).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean_ref, var_ref = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    mean32 = mean_ref.astype(np.float32)
+    centered = dy64 * (x64 - mean32[None, :, None, None])
+    n = x.size // 4
+    # float32 sums of n terms: <= 4 n u32 of the sum of their magnitudes (Higham 4.3),
+    # the shifted moments as in _cuda_checks.stats_rtol.
+    rtol = stats_rtol(x, "NCHW")
+    sum_atol = 4 * n * np.finfo(np.float32).eps / 2
+    words = []
+    real = stages.reduction
+
+    def recording(geom, *arrays):
+        red = real(geom, *arrays)
+        words.append(red.units[0].dtype == np.uint32)
+        return red
+
+    monkeypatch.setattr(stages, "reduction", recording)
+    with launch_config.override(**ONE_WARP):
+        for d_x, d_dy in ((device(x), device(dy)), (_misaligned(x), _misaligned(dy))):
+            mean, var = (host(a) for a in fastbn.batch_stats(d_x))
+            _within(mean, mean_ref, rtol * (np.abs(mean_ref) + np.sqrt(var_ref)))
+            _within(var, var_ref, rtol * var_ref)
+            sums = stages.backward_sums(d_dy, d_x, cuda.to_device(mean32), stages.geometry(d_x, "NCHW"))
+            _within(host(sums.sum_dy), dy64.sum(axis=(0, 2, 3)), sum_atol * np.abs(dy64).sum(axis=(0, 2, 3)))
+            _within(host(sums.sum_dy_xmu), centered.sum(axis=(0, 2, 3)),
+                    sum_atol * np.abs(centered).sum(axis=(0, 2, 3)))
+            np.testing.assert_array_equal(host(sums.count), n)
+    assert words == [True, True, False, False]
