@@ -95,3 +95,26 @@ def test_describe():
         assert description == "Numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
     else:
         assert isinstance(description, str) and "compute capability" in description
+
+
+@pytest.mark.skipif(SIMULATOR, reason="torch tensors need a real GPU")
+def test_torch_bfloat16_tensors_run_and_come_back_as_bfloat16():
+    """torch.bfloat16 CUDA tensors (exported as opaque 2-byte items) run as bfloat16, in
+    both memory formats; results are torch tensors, y and dx bfloat16 within one bfloat16
+    rounding (2**-9 relative, 2**-8 here for the statistics' float32 sums) of torch's
+    float32 computation on the same values."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = (3 + torch.randn(3, 4, 5, 6, device="cuda")).to(torch.bfloat16).contiguous(memory_format=memory_format)
+        dy = torch.randn(3, 4, 5, 6, device="cuda").to(torch.bfloat16)
+        y, mean, invstd = fastbn.batch_norm_forward(x)
+        assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and mean.dtype == torch.float32
+        xg = x.float().requires_grad_(True)
+        y_ref = torch.nn.functional.batch_norm(xg, None, None, training=True)
+        (dx_ref,) = torch.autograd.grad(y_ref, xg, dy.float())
+        assert (y.float() - y_ref).abs().max().item() <= 2.0 ** -8 * y_ref.abs().max().item()
+        dx, dweight, dbias = fastbn.batch_norm_backward(dy, x, mean, invstd)
+        assert dx.dtype == torch.bfloat16 and dweight.dtype == torch.float32
+        assert (dx.float() - dx_ref).abs().max().item() <= 2.0 ** -8 * dx_ref.abs().max().item()
