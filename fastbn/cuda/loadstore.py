@@ -1,8 +1,11 @@
-"""How the elementwise kernels walk their index space, load and store: the device
-building blocks of :mod:`fastbn.cuda.elementwise`, compiled per :class:`Variant`.
+"""How the kernels walk their index space, load and store: the device building blocks
+of :mod:`fastbn.cuda.elementwise`, compiled per :class:`Variant`, whose index types
+and 16-bit word conversions the reductions (:mod:`fastbn.cuda.planes`,
+:mod:`fastbn.cuda.rows`) use too.
 
 Index width.  A tensor of fewer than 2**31 elements is walked with ``uint32`` indices,
-one past that with ``int64`` (the launcher picks, :func:`variant_of`).  Numba types
+one past that with ``int64`` (the launchers pick, :func:`variant_of`,
+:func:`needs_wide_index`).  Numba types
 integer arithmetic in at least 64 bits, so every index expression here is wrapped in
 the variant's ``index`` type: the truncation lets LLVM narrow the 64-bit operations
 back to 32-bit ones (unsigned, so no sign fix-ups in divisions and no negative-index
@@ -11,8 +14,8 @@ end) stays far below 2**32, so unsigned indices never wrap.
 
 Units.  A thread handles *units*: single values, or, for 16-bit storage whose arrays
 all start at the same 4-byte phase, *pairs* of values loaded and stored as one ``uint32``
-word (:func:`fastbn.cuda.arrays.word_view`) and converted with :mod:`fastbn.half`'s
-bit conversions.  A paired launch covers elements ``[head, head + 2 * units)``; the
+word (:func:`fastbn.cuda.arrays.word_view`) and converted by :func:`pair_codec`.  A
+paired launch covers elements ``[head, head + 2 * units)``; the
 one element before (a start 2 bytes past a 4-byte boundary) and the one after (an odd
 count) are done singly by the grid's first thread (:func:`edges`).
 
