@@ -28,9 +28,11 @@ from fastbn.cuda.arrays import as_numba  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 
 SIXTEEN_BIT = [d for d in FLOAT_DTYPES if np.dtype(d).itemsize == 2]
-#: 37 values: an odd count (a single element after the last word), planes of 3 values
-#: (odd, so words straddle planes and channels), 2 channels.
-SIZE, PLANE, CHANNELS = 37, 3, 2
+#: 37 values: an odd count (a single element after the last word).
+SIZE = 37
+#: (plane size, channels): planes of 3 values (odd, so words straddle planes and
+#: channels) of 2 channels; rows of 3 channels (plane size 1: every word spans two).
+GEOMETRIES = [(3, 2), (1, 3)]
 
 
 @pytest.fixture
@@ -56,8 +58,8 @@ def _flat(values, dtype, offset):
     return as_numba(d)[offset:offset + len(values)], d
 
 
-def _channel_of(size):
-    return (np.arange(size) // PLANE) % CHANNELS
+def _channel_of(size, plane, channels):
+    return (np.arange(size) // plane) % channels
 
 
 def _assert_stored_close(got_buffer, offset, truth, dtype):
@@ -65,16 +67,18 @@ def _assert_stored_close(got_buffer, offset, truth, dtype):
     np.testing.assert_array_less(np.abs(got - truth), storage_spacing(truth, dtype) + 1e-30)
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=["planes", "rows"])
 @pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 1, 1), (0, 1, 0)], ids=["aligned", "both-odd", "mixed"])
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT)
-def test_16_bit_words_and_single_values_agree_with_numpy(rng, variants, dtype, offsets):
+def test_16_bit_words_and_single_values_agree_with_numpy(rng, variants, dtype, offsets, geometry):
     """apply (with residual and ReLU), backward_apply and relu_mask on every phase:
     words with the single elements at both ends, or single values throughout."""
+    plane, channels = geometry
     x = rng.standard_normal(SIZE) * 4
     r = rng.standard_normal(SIZE)
     g = rng.standard_normal(SIZE)
-    c = _channel_of(SIZE)
-    center, scale, shift = (rng.standard_normal(CHANNELS).astype(np.float32) for _ in range(3))
+    c = _channel_of(SIZE, plane, channels)
+    center, scale, shift = (rng.standard_normal(channels).astype(np.float32) for _ in range(3))
     xf, _ = _flat(x, dtype, offsets[0])
     rf, _ = _flat(r, dtype, offsets[1])
     gf, _ = _flat(g, dtype, offsets[0])
@@ -82,11 +86,11 @@ def test_16_bit_words_and_single_values_agree_with_numpy(rng, variants, dtype, o
     x, r, g = (np.asarray(v.astype(dtype), np.float64) for v in (x, r, g))
     vectors = [cuda.to_device(v) for v in (center, scale, shift)]
     with launch_config.override(**ONE_WARP):
-        elementwise.launch_apply(xf, rf, yf, np.float32(0), PLANE, CHANNELS, *vectors, 0)
+        elementwise.launch_apply(xf, rf, yf, np.float32(0), plane, channels, *vectors, 0)
         truth = np.maximum((x - center[c]) * scale[c] + shift[c] + r, 0)
         _assert_stored_close(y_buffer, offsets[2], truth, dtype)
         # dy_scale = scale, x_scale = shift, shift = center: three distinct vectors.
-        elementwise.launch_backward_apply(gf, xf, yf, PLANE, CHANNELS, *vectors, vectors[0], 0)
+        elementwise.launch_backward_apply(gf, xf, yf, plane, channels, *vectors, vectors[0], 0)
         truth = g * scale[c] + (x - center[c]) * shift[c] + center[c]
         _assert_stored_close(y_buffer, offsets[2], truth, dtype)
         elementwise.launch_relu_mask(gf, xf, yf, 0)
