@@ -85,11 +85,11 @@ def _backward_finish(dtype, finalize, mean):
     return (True, _vector(mean), par, True, True, 1e38, par, par, comp, comp, comp, comp)
 
 
-#: (storage view, fused finishing arguments, planes in 32-bit words).  16-bit planes of
-#: even size are reduced in words (rows never are): float16's fused form compiles that
-#: variant of the planes kernels, its stage form the single-value one; bfloat16 (int16)
-#: compiles its fused form, in words (its single-value planes differ from float16's only
-#: in the conversion its rows kernels compile).
+#: (storage view, fused finishing arguments, in 32-bit words).  16-bit planes of even
+#: size and rows of an even number of channels are reduced in words: float16's fused
+#: form compiles that variant of both families, its stage form the single-value one;
+#: bfloat16 (int16) compiles its fused form in words (its single-value kernels differ
+#: from float16's only in the conversion, which its elementwise kernels compile).
 REDUCTION_FORMS = [(np.float16, False, False), (np.float16, True, True), (np.float32, False, False),
                    (np.float32, True, False), (np.float64, False, False), (np.float64, True, False),
                    (np.int16, True, True)]
@@ -107,7 +107,7 @@ def test_reduction_kernels_compile_to_ptx(compile_ptx, dtype, finalize, paired):
     xp = np.zeros(30, np.uint32) if paired else x
     partials = np.zeros((4, 3))
     counters, f64 = np.zeros(4, np.int32), _vector(np.float64)
-    planes, rows = planes_kernels(dtype, False, paired), rows_kernels(dtype)
+    planes, rows = planes_kernels(dtype, False, paired), rows_kernels(dtype, False, paired)
     finish = _forward_finish(dtype, finalize)
     ptx = compile_ptx(planes.moments, xp, 4, 5, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
     assert "shfl.sync.down" in ptx  # the warp merge uses shuffles
@@ -115,14 +115,16 @@ def test_reduction_kernels_compile_to_ptx(compile_ptx, dtype, finalize, paired):
     assert _has_a_loop_over_values_in_32_bits(ptx)
     if paired:  # two values per 32-bit load
         assert any(op.startswith(("ld.global.u32", "ld.global.b32")) for loop in _loops(ptx) for op in loop)
-    ptx = compile_ptx(rows.moments, x, 4, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
+    ptx = compile_ptx(rows.moments, xp, 4, 3, partials, partials, partials, counters, f64, f64, f64, *finish)
     assert "atom.global.add" in ptx
     assert _has_a_loop_over_values_in_32_bits(ptx)
+    if paired:
+        assert any(op.startswith(("ld.global.u32", "ld.global.b32")) for loop in _loops(ptx) for op in loop)
     for mean in STATISTICS:
         finish = _backward_finish(dtype, finalize, mean)
         compile_ptx(planes.backward_sums, xp, xp, _vector(mean), 4, 5, 3, partials, partials, counters,
                     f64, f64, f64, *finish)
-        compile_ptx(rows.backward_sums, x, x, _vector(mean), 4, 3, partials, partials, counters,
+        compile_ptx(rows.backward_sums, xp, xp, _vector(mean), 4, 3, partials, partials, counters,
                     f64, f64, f64, *finish)
 
 

@@ -70,17 +70,18 @@ Reduction = collections.namedtuple("Reduction", ["plan", "geometry", "units", "k
 
 def reduction(geom, *arrays):
     """The :class:`Reduction` over flat kernel-order ``arrays`` (x, or dy and x): the
-    family's kernels, in 32-bit indices below 2**31 elements; 16-bit planes of even size
-    whose buffers start 4-byte aligned reduce ``uint32`` words, two values per load."""
+    family's kernels, in 32-bit indices below 2**31 elements; 16-bit buffers starting
+    4-byte aligned reduce ``uint32`` words, two values per load, when no word straddles
+    two planes (planes of even size) or two rows (an even number of channels)."""
     dtype = arrays[-1].dtype
     wide = needs_wide_index(arrays[-1].size)
-    if (geom.family == PLANES and dtype.itemsize == 2 and geom.inner % 2 == 0
+    planes = geom.family == PLANES
+    if (dtype.itemsize == 2 and (geom.inner if planes else geom.kept) % 2 == 0
             and all(data_pointer(a) % 4 == 0 for a in arrays)):
-        geom = geom._replace(inner=geom.inner // 2)
+        geom = geom._replace(inner=geom.inner // 2) if planes else geom._replace(kept=geom.kept // 2)
         return Reduction(ReductionPlan(geom), geom, tuple(word_view(a, 0) for a in arrays),
-                         planes_kernels(dtype, wide, True))
-    kernels = (planes_kernels if geom.family == PLANES else rows_kernels)(dtype, wide)
-    return Reduction(ReductionPlan(geom), geom, arrays, kernels)
+                         (planes_kernels if planes else rows_kernels)(dtype, wide, True))
+    return Reduction(ReductionPlan(geom), geom, arrays, (planes_kernels if planes else rows_kernels)(dtype, wide))
 
 
 def _shape_args(red):

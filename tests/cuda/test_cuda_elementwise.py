@@ -5,7 +5,8 @@ the same 4-byte phase, the odd element at each end singly; other phases run one 
 at a time.  Tensors index in 32 bits below a threshold and in 64 bits past it; the
 threshold is lowered here so a tiny tensor runs the 64-bit kernels.  Every variant must
 give the same values, within one rounding of the storage format of the float64 truth.
-Reductions over 16-bit planes of even size read words when the buffers are aligned.
+Reductions over 16-bit planes of even size, or rows of an even number of channels,
+read words when the buffers are aligned.
 """
 
 import numba
@@ -138,21 +139,25 @@ def _misaligned(a):
     return view.reshape(a.shape)
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT)
-def test_16_bit_reductions_in_words_and_single_values_agree_with_numpy(rng, monkeypatch, dtype):
-    """Planes of even size reduce two values per 32-bit word when the buffers are 4-byte
-    aligned, single values otherwise; both within the float32 accumulation bound of the
-    float64 truth (mean, variance; sum(dy), sum(dy * (x - mean)))."""
-    x = (3 + rng.standard_normal((3, 4, 5, 6))).astype(dtype)
+def test_16_bit_reductions_in_words_and_single_values_agree_with_numpy(rng, monkeypatch, dtype, layout):
+    """Planes of even size (NCHW) and rows of an even number of channels (NHWC) reduce
+    two values per 32-bit word when the buffers are 4-byte aligned, single values
+    otherwise; both within the float32 accumulation bound of the float64 truth (mean,
+    variance; sum(dy), sum(dy * (x - mean)))."""
+    shape = (3, 4, 5, 6) if layout == "NCHW" else (3, 5, 6, 4)
+    axes = (0, 2, 3) if layout == "NCHW" else (0, 1, 2)
+    x = (3 + rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    mean_ref, var_ref = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    mean_ref, var_ref = x64.mean(axis=axes), x64.var(axis=axes)
     mean32 = mean_ref.astype(np.float32)
-    centered = dy64 * (x64 - mean32[None, :, None, None])
+    centered = dy64 * (x64 - np.expand_dims(mean32, axes))
     n = x.size // 4
     # float32 sums of n terms: <= 4 n u32 of the sum of their magnitudes (Higham 4.3),
     # the shifted moments as in _cuda_checks.stats_rtol.
-    rtol = stats_rtol(x, "NCHW")
+    rtol = stats_rtol(x, layout)
     sum_atol = 4 * n * np.finfo(np.float32).eps / 2
     words = []
     real = stages.reduction
@@ -165,12 +170,11 @@ def test_16_bit_reductions_in_words_and_single_values_agree_with_numpy(rng, monk
     monkeypatch.setattr(stages, "reduction", recording)
     with launch_config.override(**ONE_WARP):
         for d_x, d_dy in ((device(x), device(dy)), (_misaligned(x), _misaligned(dy))):
-            mean, var = (host(a) for a in fastbn.batch_stats(d_x))
+            mean, var = (host(a) for a in fastbn.batch_stats(d_x, layout=layout))
             _within(mean, mean_ref, rtol * (np.abs(mean_ref) + np.sqrt(var_ref)))
             _within(var, var_ref, rtol * var_ref)
-            sums = stages.backward_sums(d_dy, d_x, cuda.to_device(mean32), stages.geometry(d_x, "NCHW"))
-            _within(host(sums.sum_dy), dy64.sum(axis=(0, 2, 3)), sum_atol * np.abs(dy64).sum(axis=(0, 2, 3)))
-            _within(host(sums.sum_dy_xmu), centered.sum(axis=(0, 2, 3)),
-                    sum_atol * np.abs(centered).sum(axis=(0, 2, 3)))
+            sums = stages.backward_sums(d_dy, d_x, cuda.to_device(mean32), stages.geometry(d_x, layout))
+            _within(host(sums.sum_dy), dy64.sum(axis=axes), sum_atol * np.abs(dy64).sum(axis=axes))
+            _within(host(sums.sum_dy_xmu), centered.sum(axis=axes), sum_atol * np.abs(centered).sum(axis=axes))
             np.testing.assert_array_equal(host(sums.count), n)
     assert words == [True, True, False, False]
