@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from . import dtypes
+
 LAYOUTS = ("NCHW", "NHWC")
 MIN_RANK, MAX_RANK = 2, 5
 
@@ -17,12 +19,14 @@ MIN_RANK, MAX_RANK = 2, 5
 def dtype_of(array):
     """The NumPy dtype of ``array``: its ``dtype`` attribute, or for device arrays whose
     ``dtype`` is not a NumPy one (PyTorch CUDA tensors) the ``typestr`` of their
-    ``__cuda_array_interface__``."""
+    ``__cuda_array_interface__`` (``torch.bfloat16``: ``ml_dtypes.bfloat16``)."""
     if type(array) is np.ndarray:
         return array.dtype
     try:
         return np.dtype(array.dtype)
     except TypeError:
+        if str(array.dtype) == "torch.bfloat16":  # exported as opaque 2-byte items ("<V2")
+            return dtypes.numpy_dtype("bfloat16") or np.dtype("V2")
         interface = getattr(array, "__cuda_array_interface__", None)
         if interface is None:
             raise TypeError(f"expected an array with a NumPy dtype, got dtype {array.dtype!r}") from None

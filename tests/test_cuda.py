@@ -96,9 +96,10 @@ def test_bench_gpu_plans_and_parses_without_a_gpu():
     cases = bench_gpu.plan_cases()
     shapes = {c.shape for c in cases}
     assert shapes == set(bench_gpu.SHAPES)
-    assert {c.dtype for c in cases} == {"float32", "float16"} and {c.layout for c in cases} == {"NCHW", "NHWC"}
+    assert {c.dtype for c in cases} == {"float32", "float16", "bfloat16"}
+    assert {c.layout for c in cases} == {"NCHW", "NHWC"}
     # Rank-2 shapes have one memory order: once per dtype; rank-4 in both layouts.
-    assert len(cases) == 2 * (2 * 5 + 1)
+    assert len(cases) == 3 * (2 * 5 + 1)
     big = next(c for c in cases if c.shape == (64, 64, 112, 112) and c.dtype == "float32")
     assert big.nbytes > bench_gpu.DEFAULT_L2_BYTES
     for c in cases:  # the rotated sets of one case exceed the L2 between two uses of one set

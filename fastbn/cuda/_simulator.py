@@ -37,7 +37,7 @@ from numba.np import numpy_support
 #: fastbn modules whose functions run on the device.
 KERNEL_MODULES = ("fastbn.cuda.merge", "fastbn.cuda.planes", "fastbn.cuda.rows",
                   "fastbn.cuda.channels", "fastbn.cuda.copies", "fastbn.cuda.workspace",
-                  "fastbn.cuda.elementwise")
+                  "fastbn.cuda.elementwise", "fastbn.cuda.loadstore")
 
 WARP_SIZE = 32
 #: A lane that waits longer than this at a shuffle means a lane never arrived (a bug):

@@ -23,10 +23,10 @@ the stage-by-stage composition's.
 from .. import dtypes
 from . import channels, streams, views, workspace
 from .arrays import as_numba
-from .elementwise import MAX_DYNAMIC_SHARED, elementwise_kernels, eval_shared_bytes
-from .plans import ReductionPlan, channel_grid, elementwise_grid
+from .elementwise import MAX_DYNAMIC_SHARED, eval_shared_bytes, launch_apply_eval
+from .plans import channel_grid
 from .stages import (FLOAT64, _apply_kernel, _backward_apply_kernel, _launch, _new, _numba, _on_device_of,
-                     _partials, epilogue_floor, launch_moments, launch_sums, plane_size)
+                     _partials, epilogue_floor, launch_moments, launch_sums, plane_size, reduction)
 
 
 def _vectors(caller, stream, name, number, num_channels, dtype):
@@ -47,7 +47,7 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     xf = views.kernel_input(x, geom, stream, caller)
     rf = None if residual is None else views.kernel_input(as_numba(residual), geom, stream, caller)
     inputs = (xf,) if rf is None else (xf, rf)
-    epilogue = (xf if rf is None else rf, rf is not None, epilogue_floor(activation, x.dtype))
+    floor = epilogue_floor(activation, x.dtype)
     num_channels = geom.kept
     saved = _new(caller, stream, 2, num_channels, policy.statistics)
     save_mean, save_invstd = _numba(*saved)
@@ -56,25 +56,24 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     if not training and shared_bytes <= MAX_DYNAMIC_SHARED:
         native, target = views.output_target(as_numba(out), inputs, geom, x.dtype, caller, stream)
         # Absent optional vectors are placeholders of their dtype, read only under their flag.
-        _launch(elementwise_kernels(x.dtype).apply_eval, elementwise_grid(xf.size), stream,
-                xf, *epilogue, plane_size(geom), num_channels, running_mean, running_var,
-                running_mean if weight is None else weight, running_mean if bias is None else bias,
-                weight is not None, bias is not None, eps, big, save_mean, save_invstd, target,
-                shared_bytes=shared_bytes)
+        launch_apply_eval(xf, rf, target, floor, plane_size(geom), num_channels,
+                          (running_mean, running_var, running_mean if weight is None else weight,
+                           running_mean if bias is None else bias, weight is not None, bias is not None, eps, big,
+                           save_mean, save_invstd), stream)
         return views.finish_output(native, target, out, geom, stream), saved[0], saved[1]
     center, scale, shift = _vectors(caller, stream, "forward.coefficients", 3, num_channels, policy.compute)
     # Absent optional vectors are placeholders of their dtype, read only under their flag.
     weight_ = scale if weight is None else weight
     bias_ = shift if bias is None else bias
     if training:
-        plan = ReductionPlan(geom)
-        partials, counters = _partials(caller, stream, "moments", 3, num_channels, plan.num_partials)
+        red = reduction(geom, xf)
+        partials, counters = _partials(caller, stream, "moments", 3, num_channels, red.plan.num_partials)
         moments = _vectors(caller, stream, "forward.moments", 3, num_channels, FLOAT64)
         update = running_mean is not None
         finish = (True, weight_, bias_, weight is not None, bias is not None, eps, big, momentum,
                   center if running_mean is None else running_mean, center if running_var is None else running_var,
                   update, save_mean, save_invstd, center, scale, shift)
-        launch_moments(xf, geom, plan, stream, partials, counters, moments, finish)
+        launch_moments(red, stream, partials, counters, moments, finish)
     else:  # too many channels for the one-launch eval's shared memory
         _launch(channels.forward_coefficients, channel_grid(num_channels), stream,
                 running_mean, running_mean, running_var, False, weight_, bias_,
@@ -94,8 +93,8 @@ def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
     dy, x, mean, invstd, weight = _numba(dy, x, save_mean, save_invstd, weight)
     dyf, xf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller)
     num_channels = geom.kept
-    plan = ReductionPlan(geom)
-    partials, counters = _partials(caller, stream, "sums", 2, num_channels, plan.num_partials)
+    red = reduction(geom, dyf, xf)
+    partials, counters = _partials(caller, stream, "sums", 2, num_channels, red.plan.num_partials)
     sums = _vectors(caller, stream, "backward.sums", 3, num_channels, FLOAT64)
     center, dy_scale, x_scale, shift = _vectors(caller, stream, "backward.coefficients", 4, num_channels,
                                                 policy.compute)
@@ -103,7 +102,7 @@ def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
     dweight, dbias = _numba(*gradients)
     finish = (True, invstd, dy_scale if weight is None else weight, weight is not None, bool(training),
               dtypes.largest(policy.compute), dweight, dbias, center, dy_scale, x_scale, shift)
-    launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, sums, finish)
+    launch_sums(red, mean, stream, partials, counters, sums, finish)
     if training:
         native, target = views.output_target(as_numba(out), (dyf, xf), geom, x.dtype, caller, stream)
         _backward_apply_kernel(dyf, xf, target, geom, x.dtype, stream, center, dy_scale, x_scale, shift)

@@ -11,8 +11,12 @@ coalesce), and writes one float64 partial per block; a second kernel
 (:mod:`fastbn.cuda.merge`) merges a channel's partials.  Splitting each channel over
 several blocks fills the GPU when there are few channels with many values
 ((256, 3, 224, 224)); with many small channels ((256, 2048, 7, 7)) one block per
-channel already does.  A thread advances ``j`` by the block size and carries ``(n, s)``
-along with a subtraction loop instead of an integer division per value.
+channel already does.  A thread advances ``j`` by the block size and carries the offset
+``s`` in the plane and the flat index along with a subtraction loop instead of an
+integer division and two multiplications per value, in 32-bit indices below 2**31
+elements (as the elementwise kernels, :mod:`fastbn.cuda.loadstore`).  16-bit storage
+whose planes have an even size and whose buffers start 4-byte aligned is reduced in
+``uint32`` words, two values per load (``paired``; the launcher decides).
 
 Kernels are compiled per storage dtype (:func:`planes_kernels`), accumulating and
 computing in the dtypes of its :mod:`fastbn.dtypes` policy.
@@ -24,7 +28,9 @@ import functools
 import numpy as np
 from numba import cuda
 
-from .. import dtypes
+from ..half import widen
+from .arrays import policy_of
+from .loadstore import index_type, pair_codec
 from .channels import finish_moments, finish_sums
 from .merge import (MAX_WARPS, block_merge, block_sum2, finished_last, merge_channel_partials, sum_channel_partials,
                     thread_partial)
@@ -35,11 +41,64 @@ FamilyKernels = collections.namedtuple("FamilyKernels", ["moments", "backward_su
 
 
 @functools.cache
-def planes_kernels(dtype):
-    """The planes kernels (a :class:`FamilyKernels`) for storage ``dtype``."""
-    policy = dtypes.policy(dtype)
+def planes_kernels(dtype, wide_index=False, paired=False):
+    """The planes kernels (a :class:`FamilyKernels`) for storage (kernel-view) ``dtype``,
+    indexing in int64 when ``wide_index``, else uint32 (:mod:`fastbn.cuda.loadstore`).
+    ``paired`` (16-bit storage): ``x`` and ``dy`` are the ``uint32`` words of planes of
+    even size, two values per load, and ``plane_size`` counts words."""
+    policy = policy_of(dtype)
     acc = policy.accumulate.type
-    comp = policy.compute.type
+    index = index_type(wide_index)
+    span = 2 if paired else 1
+    low, high, _ = pair_codec(dtype) if paired else (None, None, None)
+
+    @cuda.jit(device=True)
+    def first_of(x, i):
+        """The first value of unit ``i`` (the thread's pivot)."""
+        if paired:
+            return acc(low(x[i]))
+        return acc(widen(x[i]))
+
+    @cuda.jit(device=True)
+    def add_moments(x, i, pivot, s1, s2):
+        """The shifted sums with unit ``i``'s values added."""
+        if paired:
+            word = x[i]
+            d0 = acc(low(word)) - pivot
+            d1 = acc(high(word)) - pivot
+            return s1 + d0 + d1, s2 + d0 * d0 + d1 * d1
+        d = acc(widen(x[i])) - pivot
+        return s1 + d, s2 + d * d
+
+    @cuda.jit(device=True)
+    def add_sums(dy, x, i, m, s1, s2):
+        """sum(dy) and sum(dy * (x - m)) with unit ``i``'s values added."""
+        if paired:
+            g, a = dy[i], x[i]
+            g0 = acc(low(g))
+            g1 = acc(high(g))
+            return s1 + g0 + g1, s2 + g0 * (acc(low(a)) - m) + g1 * (acc(high(a)) - m)
+        g = acc(widen(dy[i]))
+        return s1 + g, s2 + g * (acc(widen(x[i])) - m)
+
+    @cuda.jit(device=True)
+    def first_value(size, num_channels, plane_size, chunk):
+        """Where this thread of block ``(c, b)`` starts: ``(j, end, step, s, i, jump,
+        plane)``: its first value ``j`` of the channel, the block's end, the block size,
+        the offset ``s`` in the plane, the flat index ``i``, the index jump from the end of
+        one of the channel's planes to the next one's start, ``(C - 1) * S``, and ``S``,
+        all in the index type (the thread's one division)."""
+        channels = index(num_channels)
+        plane = index(plane_size)
+        count = index(index(size) // channels)
+        end = index(index(cuda.blockIdx.y + 1) * index(chunk))
+        if end > count:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
+            end = count
+        j = index(index(cuda.blockIdx.y) * index(chunk) + index(cuda.threadIdx.x))
+        n = index(j // plane)
+        s = index(j - n * plane)
+        i = index(index(n * channels + index(cuda.blockIdx.x)) * plane + s)
+        return j, end, index(cuda.blockDim.x), s, i, index((channels - index(1)) * plane), plane
 
     @cuda.jit
     def planes_moments(x, num_channels, plane_size, chunk, part_n, part_mean, part_m2, counters,
@@ -54,30 +113,22 @@ def planes_kernels(dtype):
         shared_m2 = cuda.shared.array(MAX_WARPS, np.float64)
         c = cuda.blockIdx.x
         b = cuda.blockIdx.y
-        count = x.size // num_channels
-        end = (b + 1) * chunk
-        if end > count:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
-            end = count
-        j = b * chunk + cuda.threadIdx.x
-        step = cuda.blockDim.x
-        n = j // plane_size
-        s = j - n * plane_size
+        j, end, step, s, i, jump, plane = first_value(x.size, num_channels, plane_size, chunk)
         pivot = acc(0)
         s1 = acc(0)
         s2 = acc(0)
         values = 0
         if j < end:
-            pivot = acc(x[(n * num_channels + c) * plane_size + s])
+            pivot = first_of(x, i)
         while j < end:
-            d = acc(x[(n * num_channels + c) * plane_size + s]) - pivot
-            s1 += d
-            s2 += d * d
-            values += 1
-            j += step
-            s += step
-            while s >= plane_size:
-                s -= plane_size
-                n += 1
+            s1, s2 = add_moments(x, i, pivot, s1, s2)
+            values += span
+            j = index(j + step)
+            s = index(s + step)
+            i = index(i + step)
+            while s >= plane:  # into the next sample's plane of channel c
+                s = index(s - plane)
+                i = index(i + jump)
         mean, m2 = thread_partial(pivot, s1, s2, values)
         total, mean, m2 = block_merge(np.float64(values), mean, m2, shared_n, shared_mean, shared_m2)
         if cuda.gridDim.y == 1:  # one block per channel: its result is the channel's
@@ -111,27 +162,19 @@ def planes_kernels(dtype):
         shared_b = cuda.shared.array(MAX_WARPS, np.float64)
         c = cuda.blockIdx.x
         b = cuda.blockIdx.y
-        count = x.size // num_channels
-        end = (b + 1) * chunk
-        if end > count:  # not min(): numba 0.68's CUDA target fails to type min(int, int)
-            end = count
-        j = b * chunk + cuda.threadIdx.x
-        step = cuda.blockDim.x
-        n = j // plane_size
-        s = j - n * plane_size
+        count = span * (x.size // num_channels)
+        j, end, step, s, i, jump, plane = first_value(x.size, num_channels, plane_size, chunk)
         m = acc(mean[c])
         s1 = acc(0)
         s2 = acc(0)
         while j < end:
-            i = (n * num_channels + c) * plane_size + s
-            g = acc(dy[i])
-            s1 += g
-            s2 += g * (acc(x[i]) - m)
-            j += step
-            s += step
-            while s >= plane_size:
-                s -= plane_size
-                n += 1
+            s1, s2 = add_sums(dy, x, i, m, s1, s2)
+            j = index(j + step)
+            s = index(s + step)
+            i = index(i + step)
+            while s >= plane:
+                s = index(s - plane)
+                i = index(i + jump)
         sum_dy, sum_dy_xmu = block_sum2(np.float64(s1), np.float64(s2), shared_a, shared_b)
         if cuda.gridDim.y == 1:
             if cuda.threadIdx.x == 0:

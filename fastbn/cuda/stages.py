@@ -21,6 +21,7 @@ stage launches the kernel of the family the :class:`~fastbn.geometry.Geometry` n
 when its bytes are in neither.
 """
 
+import collections
 import functools
 
 import numpy as np
@@ -29,11 +30,11 @@ from .. import dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import PLANES, batch_norm_geometry
 from ..stats import BackwardSums, Moments
-from . import channels, launching, streams, views, workspace
-from .arrays import as_numba, empty, strided_view
-from .elementwise import elementwise_kernels
+from . import channels, elementwise, launching, streams, views, workspace
+from .arrays import as_numba, data_pointer, empty, policy_of, strided_view, word_view
+from .loadstore import needs_wide_index
 from .planes import planes_kernels
-from .plans import ReductionPlan, channel_grid, elementwise_grid
+from .plans import ReductionPlan, channel_grid
 from .rows import rows_kernels
 
 FLOAT64 = np.dtype(np.float64)
@@ -62,8 +63,30 @@ def as_dense(x, geom):
     return views.as_dense(x, geom, streams.for_array(x))
 
 
-def _kernels(geom, dtype):
-    return (planes_kernels if geom.family == PLANES else rows_kernels)(np.dtype(dtype))
+#: How a reduction runs: its :class:`~fastbn.cuda.plans.ReductionPlan`, the geometry of
+#: its units, its arrays as units, and the kernels (:func:`reduction`).
+Reduction = collections.namedtuple("Reduction", ["plan", "geometry", "units", "kernels"])
+
+
+def reduction(geom, *arrays):
+    """The :class:`Reduction` over flat kernel-order ``arrays`` (x, or dy and x): the
+    family's kernels, in 32-bit indices below 2**31 elements; 16-bit buffers starting
+    4-byte aligned reduce ``uint32`` words, two values per load, when no word straddles
+    two planes (planes of even size) or two rows (an even number of channels)."""
+    dtype = arrays[-1].dtype
+    wide = needs_wide_index(arrays[-1].size)
+    planes = geom.family == PLANES
+    if (dtype.itemsize == 2 and (geom.inner if planes else geom.kept) % 2 == 0
+            and all(data_pointer(a) % 4 == 0 for a in arrays)):
+        geom = geom._replace(inner=geom.inner // 2) if planes else geom._replace(kept=geom.kept // 2)
+        return Reduction(ReductionPlan(geom), geom, tuple(word_view(a, 0) for a in arrays),
+                         (planes_kernels if planes else rows_kernels)(dtype, wide, True))
+    return Reduction(ReductionPlan(geom), geom, arrays, (planes_kernels if planes else rows_kernels)(dtype, wide))
+
+
+def _shape_args(red):
+    g = red.geometry
+    return (g.kept, g.inner, red.plan.share) if g.family == PLANES else (g.kept, red.plan.share)
 
 
 def _new(caller, stream, number, shape, dtype):
@@ -98,13 +121,12 @@ def _launch(kernel, config, stream, *args, shared_bytes=0):
 def moments(x, geom):
     """Per-channel :class:`Moments` of ``x`` (float64 (C,)): one launch, one pass."""
     caller, stream, x = x, streams.for_array(x), as_numba(x)
-    xf = views.kernel_input(x, geom, stream, caller)
-    plan = ReductionPlan(geom)
+    red = reduction(geom, views.kernel_input(x, geom, stream, caller))
     num_channels = geom.kept
-    partials, counters = _partials(caller, stream, "moments", 3, num_channels, plan.num_partials)
+    partials, counters = _partials(caller, stream, "moments", 3, num_channels, red.plan.num_partials)
     result = _new(caller, stream, 3, num_channels, FLOAT64)
     out = _numba(*result)
-    launch_moments(xf, geom, plan, stream, partials, counters, out, no_forward_finish(out[1]))
+    launch_moments(red, stream, partials, counters, out, no_forward_finish(out[1]))
     return Moments(*result)
 
 
@@ -115,11 +137,10 @@ def no_forward_finish(placeholder):
     return (False, p, p, False, False, 1.0, 1.0, 0.0, p, p, False, p, p, p, p, p)
 
 
-def launch_moments(xf, geom, plan, stream, partials, counters, out, finish):
-    """Launch the moments reduction of ``geom``'s family (one launch, see the kernels)."""
-    kernel = _kernels(geom, xf.dtype).moments
-    shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
-    launching.launch(kernel, plan.grid, plan.block, stream, xf, *shape_args, *partials, counters, *out, *finish)
+def launch_moments(red, stream, partials, counters, out, finish):
+    """Launch the moments :class:`Reduction` ``red`` (one launch, see the kernels)."""
+    launching.launch(red.kernels.moments, red.plan.grid, red.plan.block, stream, *red.units, *_shape_args(red),
+                     *partials, counters, *out, *finish)
 
 
 @_on_device_of(lambda a, b: a.mean)
@@ -221,21 +242,20 @@ def plane_size(geom):
 def epilogue_floor(activation, dtype):
     """The apply kernel's lower bound in the compute dtype of storage ``dtype``: 0 for
     ``"relu"``, -inf for none (as :func:`fastbn.cpu.stages.epilogue_floor`)."""
-    return dtypes.policy(dtype).compute.type(0.0 if activation == "relu" else -np.inf)
+    return policy_of(dtype).compute.type(0.0 if activation == "relu" else -np.inf)
 
 
 def _apply_kernel(xf, yf, geom, dtype, stream, center, scale, shift, residual=None, activation=None):
     """yf = activation((xf - center[c]) * scale[c] + shift[c] + residual) over flat buffers
     (``residual`` a flat buffer like xf, or None)."""
-    _launch(elementwise_kernels(np.dtype(dtype)).apply, elementwise_grid(xf.size), stream,
-            xf, xf if residual is None else residual, residual is not None, epilogue_floor(activation, dtype),
-            plane_size(geom), geom.kept, center, scale, shift, yf)
+    elementwise.launch_apply(xf, residual, yf, epilogue_floor(activation, dtype), plane_size(geom), geom.kept,
+                             center, scale, shift, stream)
 
 
 def _backward_apply_kernel(dyf, xf, dxf, geom, dtype, stream, center, dy_scale, x_scale, shift):
     """dxf = dyf * dy_scale[c] + (xf - center[c]) * x_scale[c] + shift[c] over flat buffers."""
-    _launch(elementwise_kernels(np.dtype(dtype)).backward_apply, elementwise_grid(xf.size), stream,
-            dyf, xf, plane_size(geom), geom.kept, center, dy_scale, x_scale, shift, dxf)
+    elementwise.launch_backward_apply(dyf, xf, dxf, plane_size(geom), geom.kept, center, dy_scale, x_scale, shift,
+                                      stream)
 
 
 @_on_device_of(lambda x, *rest: x)
@@ -261,7 +281,7 @@ def relu_mask(dy, y, geom):
     dy, y = _numba(dy, y)
     dyf, yf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(y, geom, stream, caller)
     native, target = views.new_output(caller, geom, dy.dtype, stream)
-    _launch(elementwise_kernels(dy.dtype).relu_mask, elementwise_grid(dyf.size), stream, dyf, yf, target)
+    elementwise.launch_relu_mask(dyf, yf, target, stream)
     return native
 
 
@@ -272,13 +292,12 @@ def backward_sums(dy, x, mean, geom):
     """Per-channel :class:`BackwardSums`: count, sum(dy) and sum(dy * (x - mean)), float64."""
     caller, stream = x, streams.for_array(x)
     dy, x, mean = _numba(dy, x, mean)
-    dyf, xf = views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller)
-    plan = ReductionPlan(geom)
+    red = reduction(geom, views.kernel_input(dy, geom, stream, caller), views.kernel_input(x, geom, stream, caller))
     num_channels = geom.kept
-    partials, counters = _partials(caller, stream, "sums", 2, num_channels, plan.num_partials)
+    partials, counters = _partials(caller, stream, "sums", 2, num_channels, red.plan.num_partials)
     result = _new(caller, stream, 3, num_channels, FLOAT64)
     out = _numba(*result)
-    launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, out, no_backward_finish(out[1]))
+    launch_sums(red, mean, stream, partials, counters, out, no_backward_finish(out[1]))
     return BackwardSums(*result)
 
 
@@ -289,12 +308,10 @@ def no_backward_finish(placeholder):
     return (False, p, p, False, False, 1.0, p, p, p, p, p, p)
 
 
-def launch_sums(dyf, xf, mean, geom, plan, stream, partials, counters, out, finish):
-    """Launch the backward-sums reduction of ``geom``'s family (one launch)."""
-    kernel = _kernels(geom, xf.dtype).backward_sums
-    shape_args = (geom.kept, geom.inner, plan.share) if geom.family == PLANES else (geom.kept, plan.share)
-    launching.launch(kernel, plan.grid, plan.block, stream, dyf, xf, mean, *shape_args, *partials, counters,
-                     *out, *finish)
+def launch_sums(red, mean, stream, partials, counters, out, finish):
+    """Launch the backward-sums :class:`Reduction` ``red`` over (dy, x) (one launch)."""
+    launching.launch(red.kernels.backward_sums, red.plan.grid, red.plan.block, stream, *red.units, mean,
+                     *_shape_args(red), *partials, counters, *out, *finish)
 
 
 @_on_device_of(lambda sums, mean, invstd, *rest: invstd)

@@ -16,6 +16,7 @@ if not (SIMULATOR or cuda.is_available()):
 import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
 from fastbn.cuda import launch_config  # noqa: E402
+from fastbn.dtypes import numpy_dtype  # noqa: E402
 from _norms_helpers import assert_close_to_reference, channels_last  # noqa: E402
 
 is_device = cuda.devicearray.is_cuda_ndarray
@@ -141,12 +142,22 @@ def test_group_norm_other_ranks_into_out(shape, layout):
     np.testing.assert_array_equal(dyd.copy_to_host(), dy)
 
 
-def test_float16_storage():
-    """float16 data computes in float32 with float32 parameters and saved statistics
-    (fastbn.dtypes); compared with the float64 reference at float16's resolution."""
+#: Unit roundoff of the 16-bit storage formats: float16 keeps 11 significant bits,
+#: bfloat16 8 (without ml_dtypes, which defines bfloat16, only float16 runs).
+UNIT_ROUNDOFF = {np.dtype(np.float16): 2.0 ** -11}
+if numpy_dtype("bfloat16") is not None:
+    UNIT_ROUNDOFF[numpy_dtype("bfloat16")] = 2.0 ** -8
+
+
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF), ids=lambda d: d.name)
+def test_16_bit_storage(dtype):
+    """16-bit data computes in float32 with float32 parameters and saved statistics
+    (fastbn.dtypes); compared with the float64 reference at the format's resolution u:
+    results within 8 u (forward) and 16 u (backward) of their largest magnitude."""
+    u = UNIT_ROUNDOFF[dtype]
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((2, 4, 3, 2)).astype(np.float16)
-    dy = rng.standard_normal(x.shape).astype(np.float16)
+    x = rng.standard_normal((2, 4, 3, 2)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
     weight, bias = rng.standard_normal((2, 4)).astype(np.float32)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     cases = [(fastbn.group_norm_forward, fastbn.group_norm_backward, reference.group_norm_forward,
@@ -156,14 +167,14 @@ def test_float16_storage():
               dy64.reshape(12, 4))]
     for forward, backward, forward_ref, backward_ref, arg, xh, dyh, xr, dyr in cases:
         got = forward(cuda.to_device(xh), arg, *_device(weight, bias))
-        assert got[0].dtype == np.float16 and got[1].dtype == got[2].dtype == np.float32
+        assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == np.float32
         want = forward_ref(xr, arg, weight.astype(np.float64), bias.astype(np.float64))
         for a, b in zip(_host(*got), want):
-            np.testing.assert_allclose(a.astype(np.float64), b, rtol=0, atol=8 * 2.0 ** -11 * np.abs(b).max())
+            np.testing.assert_allclose(a.astype(np.float64), b, rtol=0, atol=8 * u * np.abs(b).max())
         grads = backward(*_device(dyh, xh), arg, *got[1:], cuda.to_device(weight))
         want = backward_ref(dyr, xr, arg, want[1], want[2], weight.astype(np.float64))
         for a, b in zip(_host(*grads), want):
-            np.testing.assert_allclose(a.astype(np.float64), b, rtol=0, atol=16 * 2.0 ** -11 * np.abs(b).max())
+            np.testing.assert_allclose(a.astype(np.float64), b, rtol=0, atol=16 * u * np.abs(b).max())
 
 
 def test_host_array_with_device_weight_is_refused():

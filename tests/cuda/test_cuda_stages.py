@@ -2,7 +2,7 @@
 statistics, and the public stages composing to what batch_norm_forward/backward return.
 
 Runs where tests/cuda runs (a GPU, or Numba's CUDA simulator); shapes are tiny and the
-launch configuration small so that every merge path runs (see test_cuda_backend.py).
+launch configuration small so that every merge path runs (see _cuda_checks.py).
 """
 
 import numba
@@ -18,6 +18,7 @@ if not (SIMULATOR or cuda.is_available()):
 import fastbn  # noqa: E402
 from fastbn import stages  # noqa: E402
 from fastbn.cuda import launch_config  # noqa: E402
+from fastbn.dtypes import numpy_dtype  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 
@@ -96,8 +97,12 @@ def test_merged_device_backward_sums_of_slices_equal_one_shot(rng, layout):
     assert np.all(np.abs(sum_dy_xmu - want[2]) <= STATS_RTOL * np.abs(dy * centered).sum(axis=axes))
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("layout", LAYOUTS)
+#: float16 and float32 in both layouts; bfloat16 (without ml_dtypes, float16 again) on rows.
+STAGE_CASES = [(layout, dtype) for dtype in (np.float16, np.float32) for layout in LAYOUTS] + [
+    ("NHWC", (numpy_dtype("bfloat16") or np.dtype(np.float16)).type)]
+
+
+@pytest.mark.parametrize("layout, dtype", STAGE_CASES, ids=[f"{lay}-{np.dtype(d).name}" for lay, d in STAGE_CASES])
 def test_public_stages_reproduce_forward_and_backward(rng, layout, dtype):
     """The stages fastbn.batch_norm_forward/backward are built from give bitwise their results."""
     channels = SHAPE_NCHW[1]
