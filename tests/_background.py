@@ -17,6 +17,8 @@ import sys
 import tempfile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: Starts the line printed before each command's output.
+HEADER = "### background command"
 #: A run on a slow, loaded 2-core CI machine; a hang fails its test instead of blocking CI.
 DEFAULT_TIMEOUT_S = 1500
 
@@ -47,12 +49,19 @@ class BackgroundRun:
     def started(self):
         return self._process is not None
 
+    def _expand(self, text):
+        return text.replace("{scratch}", self.scratch)
+
+    def _header(self, index):
+        return f"{HEADER} {index}\n"
+
     def _script(self):
-        """The commands as one Python driver: each runs after the previous one succeeded."""
+        """The commands as one Python driver: each runs after the previous one succeeded,
+        its output after a header line (:meth:`outputs` splits on them)."""
         lines = ["import subprocess, sys"]
-        for argv in self.commands:
-            lines.append(f"rc = subprocess.call({[a.format(scratch=self.scratch) for a in argv]!r})")
-            lines.append("sys.stdout.flush()")
+        for index, argv in enumerate(self.commands):
+            lines.append(f"print({self._header(index)!r}, end='', flush=True)")
+            lines.append(f"rc = subprocess.call({[self._expand(a) for a in argv]!r})")
             lines.append("rc and sys.exit(rc)")
         return "\n".join(lines)
 
@@ -68,7 +77,7 @@ class BackgroundRun:
             if value is None:
                 env.pop(key, None)
             else:
-                env[key] = value.format(scratch=self.scratch)
+                env[key] = self._expand(value)
         self._output = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen([sys.executable, "-c", self._script()], cwd=REPO_ROOT, env=env,
                                          stdout=self._output, stderr=subprocess.STDOUT, text=True,
@@ -80,6 +89,18 @@ class BackgroundRun:
         returncode = self._process.wait(timeout=self.timeout)
         self._output.seek(0)
         return returncode, self._output.read()
+
+    def outputs(self):
+        """What each command printed, in order, once the run ended well (an AssertionError
+        with the whole output when a command failed)."""
+        returncode, text = self.result()
+        assert returncode == 0, f"{self} failed with exit status {returncode}:\n{text}"
+        parts = []
+        for index in reversed(range(len(self.commands))):
+            text, header, part = text.rpartition(self._header(index))
+            assert header, f"{self}: no output header of command {index}:\n{text}"
+            parts.insert(0, part)
+        return parts
 
     def stop(self):
         """Kill the run if it is still going (the session ended early); drop its files."""

@@ -32,6 +32,8 @@ def pytest_collection_modifyitems(session, config, items):
     """Start the background run of every selected test marked ``background`` and move
     those tests to the end, in the order their runs were started: each run then overlaps
     the rest of the suite, and the tests wait for it only when nothing else is left."""
+    if config.option.collectonly:
+        return
     waiting = {}
     for item in items:
         marker = item.get_closest_marker("background")

@@ -2,7 +2,8 @@
 release the GIL), Numba's non-thread-safe ``workqueue`` threading layer, a child forked
 after the parent ran kernels (GNU OpenMP would kill it at its first parallel launch),
 and no usable cache directory.  The process-level cases run in a child interpreter, so
-an abort cannot take pytest down with it.
+an abort cannot take pytest down with it (the cache case in the background, from
+collection on: it compiles everything in memory).
 
 Threads must reproduce the single-threaded results bit for bit (same data, same
 kernels).  A forked child may run the serial kernels, whose summation order differs
@@ -20,6 +21,7 @@ import threading
 import numpy as np
 import pytest
 
+from _cold_cache import NO_CACHE_RUN
 from _helpers import DTYPES, LAYOUTS, B, F, _x
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,42 +132,11 @@ def test_forked_child_can_use_fastbn():
     assert serial == str(layer == "omp"), result.stdout
 
 
-def test_unusable_cache_dir_does_not_break_import_or_calls(tmp_path):
-    """No writable cache location at all: NUMBA_CACHE_DIR under a regular file (so it
-    cannot be created, even as root), a copy of the package whose __pycache__ dirs are
-    files, and HOME/XDG_CACHE_HOME unusable too.  Import and calls must still work."""
-    import shutil
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("")
-    pkg_root = tmp_path / "site"
-    shutil.copytree(os.path.join(REPO, "fastbn"), pkg_root / "fastbn",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for sub in ("fastbn", "fastbn/cpu", "fastbn/cuda"):
-        if (pkg_root / sub).is_dir():
-            (pkg_root / sub / "__pycache__").write_text("")
-    code = """
-        import numpy as np, fastbn
-        assert fastbn.__file__.startswith(%r), fastbn.__file__
-        x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
-        y, m, s = fastbn.batch_norm_forward(x)
-        print(float(abs(y.mean())) < 1e-5, bool(np.isfinite(fastbn.batch_stats(x)[1]).all()))
-    """ % str(pkg_root)
-    env = {"NUMBA_CACHE_DIR": str(blocker / "cache"), "HOME": str(blocker / "home"),
-           "XDG_CACHE_HOME": str(blocker / "xdg"), "PYTHONPATH": str(pkg_root),
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    full_env = {k: v for k, v in os.environ.items() if k not in env}
-    full_env.update(env)
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["True", "True"], result.stdout
-
-
-def test_missing_cache_dir_is_created(tmp_path):
-    cache = tmp_path / "does" / "not" / "exist"
-    result = _run_python("""
-        import numpy as np, fastbn
-        print(fastbn.batch_norm_forward(np.ones((4, 3), np.float32))[0].sum())
-    """, env={"NUMBA_CACHE_DIR": str(cache)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout) == 0.0
+@pytest.mark.background(NO_CACHE_RUN)
+def test_unusable_cache_dir_does_not_break_import_or_calls():
+    """No writable cache location at all (``_cold_cache.NO_CACHE_SCRIPT``: NUMBA_CACHE_DIR
+    under a regular file, a copy of the package whose __pycache__ dirs are files, HOME and
+    XDG_CACHE_HOME unusable too): import and calls must still work.  (A cache directory
+    that does not exist yet is created: ``test_main.test_warmup_fills_the_disk_cache``.)"""
+    output = NO_CACHE_RUN.outputs()[0]
+    assert "NO_CACHE True True" in output.splitlines(), output

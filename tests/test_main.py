@@ -5,6 +5,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from _cold_cache import COLD_CACHE_DIR, COLD_CACHE_RUN
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -103,7 +107,6 @@ def test_bench_small_flag_times_the_small_shapes():
 
 
 def test_bench_step_compares_training_steps():
-    pytest = __import__("pytest")
     pytest.importorskip("torch")
     import os
     env = dict(os.environ, FASTBN_BENCH_SMOKE="1")
@@ -120,16 +123,17 @@ def test_bench_step_compares_training_steps():
         assert 0 < r["torch_bn_share"] < 1 and 0 < r["fastbn_bn_share"] < 1
 
 
-def test_warmup_fills_the_disk_cache(tmp_path):
-    import os
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "fastbn", "warmup", "--dtypes", "float32", "--layouts", "NCHW"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr
-    assert f"NUMBA_CACHE_DIR: {tmp_path}" in result.stdout
-    index_files = list(tmp_path.rglob("*.nbi"))
-    assert index_files and list(tmp_path.rglob("*.nbc"))
+@pytest.mark.background(COLD_CACHE_RUN)
+def test_warmup_fills_the_disk_cache():
+    """``python -m fastbn warmup`` in a cache directory the vectorization probe created
+    (it did not exist: the first process made it) and filled with the batch-norm kernels:
+    warmup loads those and must add what the probe never ran (layer and group norm)."""
+    warmup_output = COLD_CACHE_RUN.outputs()[1]
+    cache_dir = pathlib.Path(COLD_CACHE_DIR.replace("{scratch}", COLD_CACHE_RUN.scratch))
+    assert f"NUMBA_CACHE_DIR: {cache_dir}" in warmup_output
+    index_files = list(cache_dir.rglob("*.nbi"))
+    assert index_files and list(cache_dir.rglob("*.nbc"))
     kernels = {path.name.partition("-")[0] for path in index_files}
     assert {"layer.layer_forward", "layer.layer_backward", "groups.group_forward_coefficients"} <= kernels
-    cache_line = next(line for line in result.stdout.splitlines() if line.startswith("cache: "))
-    assert str(tmp_path) in cache_line
+    cache_line = next(line for line in warmup_output.splitlines() if line.startswith("cache: "))
+    assert str(cache_dir) in cache_line
