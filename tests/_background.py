@@ -24,17 +24,17 @@ DEFAULT_TIMEOUT_S = 1500
 
 
 class BackgroundRun:
-    """One command (a shell-free argv list, or several run in order while each succeeds)
-    in a subprocess, with its output collected in a temporary file.
+    """Named commands (shell-free argv lists) run in order while each succeeds, in a
+    subprocess, with their output collected in a temporary file.
 
     ``env`` adds to (or, where a value is None, removes from) this process's environment;
     ``{scratch}`` in a command or an ``env`` value is replaced by a fresh temporary
     directory that lives as long as the run.
     """
 
-    def __init__(self, name, *commands, env=None, timeout=DEFAULT_TIMEOUT_S):
+    def __init__(self, name, commands, env=None, timeout=DEFAULT_TIMEOUT_S):
         self.name = name
-        self.commands = commands
+        self.commands = dict(commands)
         self.env = env or {}
         self.timeout = timeout
         self.scratch = None
@@ -52,15 +52,15 @@ class BackgroundRun:
     def _expand(self, text):
         return text.replace("{scratch}", self.scratch)
 
-    def _header(self, index):
-        return f"{HEADER} {index}\n"
+    def _header(self, command):
+        return f"{HEADER} {command}\n"
 
     def _script(self):
         """The commands as one Python driver: each runs after the previous one succeeded,
         its output after a header line (:meth:`outputs` splits on them)."""
         lines = ["import subprocess, sys"]
-        for index, argv in enumerate(self.commands):
-            lines.append(f"print({self._header(index)!r}, end='', flush=True)")
+        for command, argv in self.commands.items():
+            lines.append(f"print({self._header(command)!r}, end='', flush=True)")
             lines.append(f"rc = subprocess.call({[self._expand(a) for a in argv]!r})")
             lines.append("rc and sys.exit(rc)")
         return "\n".join(lines)
@@ -90,17 +90,20 @@ class BackgroundRun:
         self._output.seek(0)
         return returncode, self._output.read()
 
-    def outputs(self):
-        """What each command printed, in order, once the run ended well (an AssertionError
-        with the whole output when a command failed)."""
+    def output(self, command):
+        """What ``command`` printed, once it succeeded (an AssertionError with the whole
+        output when it, or a command before it, failed)."""
         returncode, text = self.result()
-        assert returncode == 0, f"{self} failed with exit status {returncode}:\n{text}"
-        parts = []
-        for index in reversed(range(len(self.commands))):
-            text, header, part = text.rpartition(self._header(index))
-            assert header, f"{self}: no output header of command {index}:\n{text}"
-            parts.insert(0, part)
-        return parts
+        names = list(self.commands)
+        following = names.index(command) + 1
+        after = text.partition(self._header(command))[2]
+        if following < len(names):
+            part, next_header, _ = after.partition(self._header(names[following]))
+            succeeded = bool(next_header)  # the next command runs only after this one succeeded
+        else:
+            part, succeeded = after, returncode == 0
+        assert succeeded, f"{self}: {command!r} failed (exit status {returncode}):\n{text}"
+        return part
 
     def stop(self):
         """Kill the run if it is still going (the session ended early); drop its files."""

@@ -1,9 +1,9 @@
-"""The background runs (``_background``) of the tests that need kernels compiled afresh:
-compiling is all they cost, so each kernel is compiled once for all of them, beside the
-rest of the suite.
+"""The background runs (``_background``) of the tests that run fastbn in processes of its
+own: compiling is most of what they cost, so each kernel is compiled once for all of
+them, beside the rest of the suite.
 
 ``COLD_CACHE_RUN`` compiles into a Numba cache directory that does not exist yet (the
-first process must create it), in two processes:
+first process must create it), then runs the command-line tests on that cache:
 
 1. the vectorization probe (``test_vectorization.py``): every public batch-norm pass in
    float32, both memory orders, serial and parallel kernels, compiled in that process so
@@ -11,12 +11,16 @@ first process must create it), in two processes:
    disk cache), then one ``VECTORIZATION {json}`` line: packed float instructions per kernel;
 2. ``python -m fastbn warmup --dtypes float32 --layouts NCHW`` (``test_main.py``) into the
    same directory: it loads what the probe compiled and compiles the rest (layer, group
-   and instance norm, the other signatures of its calls), which it must leave in the cache.
+   and instance norm, the other signatures of its calls), which it must leave in the cache;
+3. the command line (``test_main.py``, ``test_norms_bench.py``): the main job and the
+   bench reports on tiny shapes, which load those float32 kernels.
 
 ``NO_CACHE_RUN`` (``test_concurrency.py``) imports a copy of the package with no writable
 cache location at all and calls it: the kernels compile in memory.
 """
 
+import importlib.util
+import json
 import sys
 
 from _background import REPO_ROOT, BackgroundRun
@@ -46,10 +50,28 @@ for module in (planes, rows, small):
 print("VECTORIZATION " + json.dumps(counts))
 """
 
-WARMUP_COMMAND = [sys.executable, "-m", "fastbn", "warmup", "--dtypes", "float32", "--layouts", "NCHW"]
+FASTBN = [sys.executable, "-m", "fastbn"]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+COLD_CACHE_COMMANDS = {
+    "probe": [sys.executable, "-c", VECTORIZATION_PROBE],
+    "warmup": [*FASTBN, "warmup", "--dtypes", "float32", "--layouts", "NCHW"],
+    "main": [*FASTBN, "--shape", "4,8,6,6", "--repeat", "2"],
+    "bench": [*FASTBN, "bench", "--quick", "--no-reference", "--shapes", "4,8,6,6", "64,12",
+              "--ops", "forward_train", "backward", "--json", "-"],
+    "bench-small": [*FASTBN, "bench", "--small", "--quick", "--no-reference", "--layouts", "NCHW",
+                    "--ops", "forward_train", "--json", "-"],
+}
+if HAS_TORCH:  # what needs torch (its tests skip without it)
+    COLD_CACHE_COMMANDS["bench-step"] = ["env", "FASTBN_BENCH_SMOKE=1", *FASTBN, "bench", "--step", "--quick",
+                                         "--json", "-"]
+    COLD_CACHE_COMMANDS["bench-layer"] = [*FASTBN, "bench", "--op", "layer", "--quick", "--shapes", "16,8",
+                                          "--json", "-"]
+COLD_CACHE_RUN = BackgroundRun("cold-cache", COLD_CACHE_COMMANDS, env={"NUMBA_CACHE_DIR": COLD_CACHE_DIR})
 
-COLD_CACHE_RUN = BackgroundRun("cold-cache", [sys.executable, "-c", VECTORIZATION_PROBE], WARMUP_COMMAND,
-                               env={"NUMBA_CACHE_DIR": COLD_CACHE_DIR})
+
+def json_document(output):
+    """The JSON document in a command's ``output`` (from its first ``{`` to its last ``}``)."""
+    return json.loads(output[output.index("{"):output.rindex("}") + 1])
 
 
 NO_CACHE_SCRIPT = r"""
@@ -78,4 +100,4 @@ full_env.update(env)
 sys.exit(subprocess.run([sys.executable, "-c", code], env=full_env, cwd=str(scratch), timeout=900).returncode)
 """
 
-NO_CACHE_RUN = BackgroundRun("no-cache", [sys.executable, "-c", NO_CACHE_SCRIPT, str(REPO_ROOT), "{scratch}"])
+NO_CACHE_RUN = BackgroundRun("no-cache", {"no-cache": [sys.executable, "-c", NO_CACHE_SCRIPT, str(REPO_ROOT), "{scratch}"]})

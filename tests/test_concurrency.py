@@ -138,5 +138,5 @@ def test_unusable_cache_dir_does_not_break_import_or_calls():
     under a regular file, a copy of the package whose __pycache__ dirs are files, HOME and
     XDG_CACHE_HOME unusable too): import and calls must still work.  (A cache directory
     that does not exist yet is created: ``test_main.test_warmup_fills_the_disk_cache``.)"""
-    output = NO_CACHE_RUN.outputs()[0]
+    output = NO_CACHE_RUN.output("no-cache")
     assert "NO_CACHE True True" in output.splitlines(), output

@@ -24,7 +24,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: Every test that needs CUDA: the simulator runs them in one process.
 CUDA_TESTS = ["tests/cuda", "tests/test_layers_device.py"]
 SIMULATOR_COMMAND = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS]
-SIMULATOR_RUN = BackgroundRun("cuda-simulator", SIMULATOR_COMMAND, env={"NUMBA_ENABLE_CUDASIM": "1"})
+SIMULATOR_RUN = BackgroundRun("cuda-simulator", {"simulator": SIMULATOR_COMMAND}, env={"NUMBA_ENABLE_CUDASIM": "1"})
 
 
 def _cuda_runs_in_this_process():
@@ -40,8 +40,7 @@ _IN_PROCESS = _cuda_runs_in_this_process()
 @(pytest.mark.skip(reason="the CUDA tests run directly in this process (GPU or simulator available)")
   if _IN_PROCESS else pytest.mark.background(SIMULATOR_RUN))
 def test_cuda_backend_on_the_simulator():
-    returncode, text = SIMULATOR_RUN.result()
-    assert returncode == 0, f"`NUMBA_ENABLE_CUDASIM=1 {' '.join(SIMULATOR_COMMAND[1:])}` failed:\n{text}"
+    text = SIMULATOR_RUN.output("simulator")
     last_line = text.strip().splitlines()[-1]
     assert " passed" in last_line and " skipped" not in last_line, text
 

@@ -29,7 +29,7 @@ def _cpu_flags():
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86-64 SIMD registers")
 @pytest.mark.background(COLD_CACHE_RUN)
 def test_every_kernel_has_packed_float_arithmetic():
-    probe_output = COLD_CACHE_RUN.outputs()[0]
+    probe_output = COLD_CACHE_RUN.output("probe")
     line = next(line for line in probe_output.splitlines() if line.startswith("VECTORIZATION "))
     counts = json.loads(line.partition(" ")[2])
     if "avx2" not in _cpu_flags():
