@@ -57,7 +57,7 @@ class BackgroundRun:
 
     def _script(self):
         """The commands as one Python driver: each runs after the previous one succeeded,
-        its output after a header line (:meth:`outputs` splits on them)."""
+        its output after a header line (:meth:`output` splits on them)."""
         lines = ["import subprocess, sys"]
         for command, argv in self.commands.items():
             lines.append(f"print({self._header(command)!r}, end='', flush=True)")

@@ -25,7 +25,7 @@ import sys
 
 from _background import REPO_ROOT, BackgroundRun
 
-#: The cache directory of COLD_CACHE_RUN, under its scratch directory (format with scratch=).
+#: The cache directory of COLD_CACHE_RUN, under its scratch directory (``{scratch}``, see ``_background``).
 COLD_CACHE_DIR = "{scratch}/cache/does/not/exist"
 
 VECTORIZATION_PROBE = r"""
@@ -100,4 +100,5 @@ full_env.update(env)
 sys.exit(subprocess.run([sys.executable, "-c", code], env=full_env, cwd=str(scratch), timeout=900).returncode)
 """
 
-NO_CACHE_RUN = BackgroundRun("no-cache", {"no-cache": [sys.executable, "-c", NO_CACHE_SCRIPT, str(REPO_ROOT), "{scratch}"]})
+NO_CACHE_RUN = BackgroundRun("no-cache",
+                             {"no-cache": [sys.executable, "-c", NO_CACHE_SCRIPT, str(REPO_ROOT), "{scratch}"]})
