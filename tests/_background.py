@@ -3,10 +3,10 @@ end of the session, so that a run that keeps one core busy for minutes (the CUDA
 simulator, a compile into an empty Numba cache) overlaps the rest of the suite instead
 of adding to it.
 
-A test that checks such a run carries ``@pytest.mark.background(run)``; ``conftest.py``
-starts every marked run at collection, moves the marked tests to the end (in the order
-the runs were started, so the longest-waiting run is checked first) and stops whatever
-is left running when the session ends.  Tests selected away never start their run.
+A test that checks a command of such a run carries ``@pytest.mark.background(run,
+command)``; ``conftest.py`` starts every run at collection with the commands the selected
+tests check (a test selected away costs nothing), moves those tests to the end (in the
+order the runs were started) and stops whatever is left running when the session ends.
 """
 
 import os
@@ -24,17 +24,18 @@ DEFAULT_TIMEOUT_S = 1500
 
 
 class BackgroundRun:
-    """Named commands (shell-free argv lists) run in order while each succeeds, in a
-    subprocess, with their output collected in a temporary file.
+    """Named commands (shell-free argv lists), those started run in the order they were
+    added while each succeeds, in one subprocess, their output collected in a temporary file.
 
     ``env`` adds to (or, where a value is None, removes from) this process's environment;
     ``{scratch}`` in a command or an ``env`` value is replaced by a fresh temporary
     directory that lives as long as the run.
     """
 
-    def __init__(self, name, commands, env=None, timeout=DEFAULT_TIMEOUT_S):
+    def __init__(self, name, commands=(), env=None, timeout=DEFAULT_TIMEOUT_S):
         self.name = name
         self.commands = dict(commands)
+        self.selected = []
         self.env = env or {}
         self.timeout = timeout
         self.scratch = None
@@ -49,6 +50,12 @@ class BackgroundRun:
     def started(self):
         return self._process is not None
 
+    def add(self, command, argv):
+        """Add ``argv`` as ``command`` (before the run starts); returns ``command``."""
+        assert not self.started and command not in self.commands, command
+        self.commands[command] = argv
+        return command
+
     def _expand(self, text):
         return text.replace("{scratch}", self.scratch)
 
@@ -59,16 +66,19 @@ class BackgroundRun:
         """The commands as one Python driver: each runs after the previous one succeeded,
         its output after a header line (:meth:`output` splits on them)."""
         lines = ["import subprocess, sys"]
-        for command, argv in self.commands.items():
+        for command in self.selected:
             lines.append(f"print({self._header(command)!r}, end='', flush=True)")
-            lines.append(f"rc = subprocess.call({[self._expand(a) for a in argv]!r})")
+            lines.append(f"rc = subprocess.call({[self._expand(a) for a in self.commands[command]]!r})")
             lines.append("rc and sys.exit(rc)")
         return "\n".join(lines)
 
-    def start(self):
-        """Start the run (once)."""
+    def start(self, commands=None):
+        """Start the run (once) with the named ``commands`` (default: all), in the order
+        they were added."""
         if self.started:
             return
+        wanted = set(self.commands if commands is None else commands)
+        self.selected = [command for command in self.commands if command in wanted]
         self._scratch_dir = tempfile.TemporaryDirectory(prefix=f"fastbn-{self.name}-")
         self.scratch = self._scratch_dir.name
         env = dict(os.environ)
@@ -84,7 +94,8 @@ class BackgroundRun:
                                          start_new_session=True)
 
     def result(self):
-        """``(returncode, output)`` once the run has ended (started now if it was not)."""
+        """``(returncode, output)`` once the run has ended (started now, with every
+        command, if it was not)."""
         self.start()
         returncode = self._process.wait(timeout=self.timeout)
         self._output.seek(0)
@@ -94,7 +105,8 @@ class BackgroundRun:
         """What ``command`` printed, once it succeeded (an AssertionError with the whole
         output when it, or a command before it, failed)."""
         returncode, text = self.result()
-        names = list(self.commands)
+        names = self.selected
+        assert command in names, f"{self}: {command!r} was not started"
         following = names.index(command) + 1
         after = text.partition(self._header(command))[2]
         if following < len(names):

@@ -13,7 +13,11 @@ first process must create it), then runs the command-line tests on that cache:
    same directory: it loads what the probe compiled and compiles the rest (layer, group
    and instance norm, the other signatures of its calls), which it must leave in the cache;
 3. the command line (``test_main.py``, ``test_norms_bench.py``): the main job and the
-   bench reports on tiny shapes, which load those float32 kernels.
+   bench reports on tiny shapes, which load those float32 kernels;
+4. the children of ``test_concurrency.py`` (added there): threads on Numba's workqueue
+   layer, and a child forked after the parent launched parallel kernels.
+
+Only the commands whose tests are selected run (``conftest.py``), in this order.
 
 ``NO_CACHE_RUN`` (``test_concurrency.py``) imports a copy of the package with no writable
 cache location at all and calls it: the kernels compile in memory.

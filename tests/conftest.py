@@ -27,24 +27,30 @@ def kernel_path(request):
 _started_runs = []
 
 
-@pytest.hookimpl(trylast=True)  # after -k/-m deselection: a deselected test starts no run
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: a deselected test starts nothing
 def pytest_collection_modifyitems(session, config, items):
-    """Start the background run of every selected test marked ``background`` and move
-    those tests to the end, in the order their runs were started: each run then overlaps
-    the rest of the suite, and the tests wait for it only when nothing else is left."""
+    """Start every background run with the commands the selected tests marked
+    ``background(run, command)`` check, and move those tests to the end, in the order
+    their runs were started: each run then overlaps the rest of the suite, and the tests
+    wait for it only when nothing else is left."""
     if config.option.collectonly:
         return
-    waiting = {}
+    needed = {}
+    waiting = []
     for item in items:
         marker = item.get_closest_marker("background")
         if marker is not None:
-            run = marker.args[0]
-            if not run.started:
-                run.start()
-                _started_runs.append(run)
-            waiting[item] = _started_runs.index(run)
+            run, command = marker.args
+            needed.setdefault(run, set()).add(command)
+            waiting.append(item)
+    for run, commands in needed.items():
+        if not run.started:
+            run.start(commands)
+            _started_runs.append(run)
     if waiting:
-        items[:] = [item for item in items if item not in waiting] + sorted(waiting, key=waiting.get)
+        order = {run: index for index, run in enumerate(_started_runs)}
+        items[:] = [item for item in items if item not in waiting] + sorted(
+            waiting, key=lambda item: order[item.get_closest_marker("background").args[0]])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2,8 +2,9 @@
 release the GIL), Numba's non-thread-safe ``workqueue`` threading layer, a child forked
 after the parent ran kernels (GNU OpenMP would kill it at its first parallel launch),
 and no usable cache directory.  The process-level cases run in a child interpreter, so
-an abort cannot take pytest down with it (the cache case in the background, from
-collection on: it compiles everything in memory).
+an abort cannot take pytest down with it; they run in the background from collection on
+(``_cold_cache``: the workqueue and fork children load the float32 kernels the
+vectorization probe compiled, the no-cache one compiles in memory).
 
 Threads must reproduce the single-threaded results bit for bit (same data, same
 kernels).  A forked child may run the serial kernels, whose summation order differs
@@ -12,8 +13,6 @@ from the parallel ones, so it is compared with the parent at float32 rounding le
 float64 mean).
 """
 
-import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -21,19 +20,8 @@ import threading
 import numpy as np
 import pytest
 
-from _cold_cache import NO_CACHE_RUN
+from _cold_cache import COLD_CACHE_RUN, NO_CACHE_RUN
 from _helpers import DTYPES, LAYOUTS, B, F, _x
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run_python(code, env=None, timeout=240):
-    """Run ``code`` in a fresh interpreter with the repository on the path."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -86,12 +74,15 @@ _THREADS_SCRIPT = """
 """
 
 
+WORKQUEUE = COLD_CACHE_RUN.add("workqueue", ["env", "NUMBA_THREADING_LAYER=workqueue", sys.executable, "-c",
+                                             textwrap.dedent(_THREADS_SCRIPT)])
+
+
+@pytest.mark.background(COLD_CACHE_RUN, WORKQUEUE)
 def test_threads_on_workqueue_layer_do_not_abort():
     """Numba's workqueue layer aborts the process on concurrent launches; fastbn's
     launch lock must serialize them (run in a child so an abort cannot kill pytest)."""
-    result = _run_python(_THREADS_SCRIPT, env={"NUMBA_THREADING_LAYER": "workqueue"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["workqueue", "0"], result.stdout
+    assert COLD_CACHE_RUN.output(WORKQUEUE).split() == ["workqueue", "0"]
 
 
 _FORK_SCRIPT = """
@@ -123,16 +114,19 @@ _FORK_SCRIPT = """
 """
 
 
+FORK = COLD_CACHE_RUN.add("fork", [sys.executable, "-c", textwrap.dedent(
+    _FORK_SCRIPT.replace('if __name__ == "__main__":', "if True:"))])
+
+
+@pytest.mark.background(COLD_CACHE_RUN, FORK)
 def test_forked_child_can_use_fastbn():
     """GNU OpenMP kills a forked child at its first parallel launch; fastbn must detect the
     fork and run serial kernels there (and stay parallel on fork-safe layers)."""
-    result = _run_python(_FORK_SCRIPT.replace('if __name__ == "__main__":', "if True:"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    layer, serial = result.stdout.split()
-    assert serial == str(layer == "omp"), result.stdout
+    layer, serial = COLD_CACHE_RUN.output(FORK).split()
+    assert serial == str(layer == "omp")
 
 
-@pytest.mark.background(NO_CACHE_RUN)
+@pytest.mark.background(NO_CACHE_RUN, "no-cache")
 def test_unusable_cache_dir_does_not_break_import_or_calls():
     """No writable cache location at all (``_cold_cache.NO_CACHE_SCRIPT``: NUMBA_CACHE_DIR
     under a regular file, a copy of the package whose __pycache__ dirs are files, HOME and

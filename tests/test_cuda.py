@@ -38,7 +38,7 @@ _IN_PROCESS = _cuda_runs_in_this_process()
 
 
 @(pytest.mark.skip(reason="the CUDA tests run directly in this process (GPU or simulator available)")
-  if _IN_PROCESS else pytest.mark.background(SIMULATOR_RUN))
+  if _IN_PROCESS else pytest.mark.background(SIMULATOR_RUN, "simulator"))
 def test_cuda_backend_on_the_simulator():
     text = SIMULATOR_RUN.output("simulator")
     last_line = text.strip().splitlines()[-1]

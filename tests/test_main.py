@@ -11,14 +11,14 @@ import pytest
 from _cold_cache import COLD_CACHE_DIR, COLD_CACHE_RUN, json_document
 
 
-@pytest.mark.background(COLD_CACHE_RUN)
+@pytest.mark.background(COLD_CACHE_RUN, "main")
 def test_main_job_checks_and_times():
     stdout = COLD_CACHE_RUN.output("main")
     assert "OK" in stdout.splitlines()
     assert stdout.count("forward (train)") == 2 and stdout.count("backward") == 2
 
 
-@pytest.mark.background(COLD_CACHE_RUN)
+@pytest.mark.background(COLD_CACHE_RUN, "bench")
 def test_bench_report_json_rows_are_consistent():
     stdout = COLD_CACHE_RUN.output("bench")
     doc = json_document(stdout)
@@ -91,13 +91,13 @@ def test_small_shape_set_and_per_call_timer():
     assert 0 < t < 1e-3 and len(calls) > 3 + 4  # warm-up, calibration, then batches of calls
 
 
-@pytest.mark.background(COLD_CACHE_RUN)
+@pytest.mark.background(COLD_CACHE_RUN, "bench-small")
 def test_bench_small_flag_times_the_small_shapes():
     doc = json_document(COLD_CACHE_RUN.output("bench-small"))
     assert [tuple(r["shape"]) for r in doc["rows"]] == [(32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)]
 
 
-@pytest.mark.background(COLD_CACHE_RUN)
+@pytest.mark.background(COLD_CACHE_RUN, "bench-step")
 def test_bench_step_compares_training_steps():
     pytest.importorskip("torch")
     stdout = COLD_CACHE_RUN.output("bench-step")  # FASTBN_BENCH_SMOKE=1: tiny models
@@ -111,11 +111,12 @@ def test_bench_step_compares_training_steps():
         assert 0 < r["torch_bn_share"] < 1 and 0 < r["fastbn_bn_share"] < 1
 
 
-@pytest.mark.background(COLD_CACHE_RUN)
+@pytest.mark.background(COLD_CACHE_RUN, "warmup")
 def test_warmup_fills_the_disk_cache():
-    """``python -m fastbn warmup`` in a cache directory the vectorization probe created
-    (it did not exist: the first process made it) and filled with the batch-norm kernels:
-    warmup loads those and must add what the probe never ran (layer and group norm)."""
+    """``python -m fastbn warmup`` in a cache directory that did not exist (the first
+    process of the run made it; after the vectorization probe, when that runs too, warmup
+    loads the batch-norm kernels the probe compiled): it must leave layer and group norm,
+    which nothing before it ran, in the cache."""
     warmup_output = COLD_CACHE_RUN.output("warmup")
     cache_dir = pathlib.Path(COLD_CACHE_DIR.replace("{scratch}", COLD_CACHE_RUN.scratch))
     assert f"NUMBA_CACHE_DIR: {cache_dir}" in warmup_output

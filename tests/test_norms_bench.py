@@ -21,7 +21,7 @@ def test_rows_cover_layouts_and_directions():
         assert r["torch_ms"] is None or r["speedup"] == r["torch_ms"] / r["fastbn_ms"]
 
 
-@pytest.mark.background(COLD_CACHE_RUN)
+@pytest.mark.background(COLD_CACHE_RUN, "bench-layer")
 def test_cli_op_option_json():
     """``python -m fastbn bench --op layer --quick --shapes 16,8 --json -``, run in the
     background (``_cold_cache.COLD_CACHE_RUN``)."""

@@ -27,7 +27,7 @@ def _cpu_flags():
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks x86-64 SIMD registers")
-@pytest.mark.background(COLD_CACHE_RUN)
+@pytest.mark.background(COLD_CACHE_RUN, "probe")
 def test_every_kernel_has_packed_float_arithmetic():
     probe_output = COLD_CACHE_RUN.output("probe")
     line = next(line for line in probe_output.splitlines() if line.startswith("VECTORIZATION "))
