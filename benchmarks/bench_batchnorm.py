@@ -1,9 +1,10 @@
 """asv benchmarks: fastbn's CPU ops over layouts, dtypes, shapes and thread counts.
 
 Parameters come from :mod:`fastbn.bench` (one table for asv, pytest-benchmark and
-``python -m fastbn bench``).  ``FASTBN_ASV_SMOKE=1`` swaps the shapes for tiny ones and
-the thread counts for 1, so CI can run the whole suite in seconds (it checks that the
-suite runs, not the speed).
+``python -m fastbn bench``).  ``FASTBN_ASV_SMOKE=1`` swaps the shapes for one tiny 4-D one
+(the 2-D path runs in ``SmallBatchNorm``) and the thread counts for 1, so CI can run the
+whole suite in seconds (it checks that the suite runs, not the speed: asv starts a
+process per parameter combination, which is what a smoke run costs).
 
 Kernels are compiled (or loaded from Numba's disk cache) in ``setup``, never inside a
 timing: ``setup`` builds the inputs and calls the op once.
@@ -15,7 +16,7 @@ import numpy as np
 from fastbn import bench as fbench
 
 SMOKE = fbench.smoke()
-SHAPES = [fbench.shape_label(s) for s in fbench.shapes()]
+SHAPES = [fbench.shape_label(s) for s in fbench.shapes()[:1 if SMOKE else None]]
 DTYPES = ["float32"] if SMOKE else ["float32", "float64"]
 THREADS = [1] if SMOKE else [t for t in fbench.THREADS if t <= numba.config.NUMBA_NUM_THREADS]
 OPS = list(fbench.OPS)

@@ -23,22 +23,36 @@ def kernel_path(request):
     small.SMALL_SIZE = saved
 
 
-SIMULATOR_TEST = "test_cuda_backend_on_the_simulator"
-#: The module of that test once its run is started (to stop it at the end of the session).
-_simulator_module = None
+#: The background runs started at collection, in start order (see ``_background``).
+_started_runs = []
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: a deselected test starts nothing
 def pytest_collection_modifyitems(session, config, items):
-    """Run the CUDA simulator test last and start its subprocess now: the simulator is
-    single-threaded Python for minutes, which then overlaps the rest of the suite."""
-    global _simulator_module
-    waiting = [item for item in items if item.name == SIMULATOR_TEST]
+    """Start every background run with the commands the selected tests marked
+    ``background(run, command)`` check, and move those tests to the end, in the order
+    their runs were started: each run then overlaps the rest of the suite, and the tests
+    wait for it only when nothing else is left."""
+    if config.option.collectonly:
+        return
+    needed = {}
+    waiting = []
+    for item in items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            run, command = marker.args
+            needed.setdefault(run, set()).add(command)
+            waiting.append(item)
+    for run, commands in needed.items():
+        if not run.started:
+            run.start(commands)
+            _started_runs.append(run)
     if waiting:
-        items[:] = [item for item in items if item.name != SIMULATOR_TEST] + waiting
-        _simulator_module = waiting[0].module
-        _simulator_module.start_simulator_run()
+        order = {run: index for index, run in enumerate(_started_runs)}
+        items[:] = [item for item in items if item not in waiting] + sorted(
+            waiting, key=lambda item: order[item.get_closest_marker("background").args[0]])
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _simulator_module is not None:
-        _simulator_module.stop_simulator_run()
+    for run in _started_runs:
+        run.stop()

@@ -2,7 +2,9 @@
 release the GIL), Numba's non-thread-safe ``workqueue`` threading layer, a child forked
 after the parent ran kernels (GNU OpenMP would kill it at its first parallel launch),
 and no usable cache directory.  The process-level cases run in a child interpreter, so
-an abort cannot take pytest down with it.
+an abort cannot take pytest down with it; they run in the background from collection on
+(``_cold_cache``: the workqueue and fork children load the float32 kernels the
+vectorization probe compiled, the no-cache one compiles in memory).
 
 Threads must reproduce the single-threaded results bit for bit (same data, same
 kernels).  A forked child may run the serial kernels, whose summation order differs
@@ -11,8 +13,6 @@ from the parallel ones, so it is compared with the parent at float32 rounding le
 float64 mean).
 """
 
-import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -20,18 +20,8 @@ import threading
 import numpy as np
 import pytest
 
+from _cold_cache import COLD_CACHE_RUN, NO_CACHE_RUN
 from _helpers import DTYPES, LAYOUTS, B, F, _x
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run_python(code, env=None, timeout=240):
-    """Run ``code`` in a fresh interpreter with the repository on the path."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -84,12 +74,15 @@ _THREADS_SCRIPT = """
 """
 
 
+WORKQUEUE = COLD_CACHE_RUN.add("workqueue", ["env", "NUMBA_THREADING_LAYER=workqueue", sys.executable, "-c",
+                                             textwrap.dedent(_THREADS_SCRIPT)])
+
+
+@pytest.mark.background(COLD_CACHE_RUN, WORKQUEUE)
 def test_threads_on_workqueue_layer_do_not_abort():
     """Numba's workqueue layer aborts the process on concurrent launches; fastbn's
     launch lock must serialize them (run in a child so an abort cannot kill pytest)."""
-    result = _run_python(_THREADS_SCRIPT, env={"NUMBA_THREADING_LAYER": "workqueue"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["workqueue", "0"], result.stdout
+    assert COLD_CACHE_RUN.output(WORKQUEUE).split() == ["workqueue", "0"]
 
 
 _FORK_SCRIPT = """
@@ -121,51 +114,23 @@ _FORK_SCRIPT = """
 """
 
 
+FORK = COLD_CACHE_RUN.add("fork", [sys.executable, "-c", textwrap.dedent(
+    _FORK_SCRIPT.replace('if __name__ == "__main__":', "if True:"))])
+
+
+@pytest.mark.background(COLD_CACHE_RUN, FORK)
 def test_forked_child_can_use_fastbn():
     """GNU OpenMP kills a forked child at its first parallel launch; fastbn must detect the
     fork and run serial kernels there (and stay parallel on fork-safe layers)."""
-    result = _run_python(_FORK_SCRIPT.replace('if __name__ == "__main__":', "if True:"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    layer, serial = result.stdout.split()
-    assert serial == str(layer == "omp"), result.stdout
+    layer, serial = COLD_CACHE_RUN.output(FORK).split()
+    assert serial == str(layer == "omp")
 
 
-def test_unusable_cache_dir_does_not_break_import_or_calls(tmp_path):
-    """No writable cache location at all: NUMBA_CACHE_DIR under a regular file (so it
-    cannot be created, even as root), a copy of the package whose __pycache__ dirs are
-    files, and HOME/XDG_CACHE_HOME unusable too.  Import and calls must still work."""
-    import shutil
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("")
-    pkg_root = tmp_path / "site"
-    shutil.copytree(os.path.join(REPO, "fastbn"), pkg_root / "fastbn",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for sub in ("fastbn", "fastbn/cpu", "fastbn/cuda"):
-        if (pkg_root / sub).is_dir():
-            (pkg_root / sub / "__pycache__").write_text("")
-    code = """
-        import numpy as np, fastbn
-        assert fastbn.__file__.startswith(%r), fastbn.__file__
-        x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
-        y, m, s = fastbn.batch_norm_forward(x)
-        print(float(abs(y.mean())) < 1e-5, bool(np.isfinite(fastbn.batch_stats(x)[1]).all()))
-    """ % str(pkg_root)
-    env = {"NUMBA_CACHE_DIR": str(blocker / "cache"), "HOME": str(blocker / "home"),
-           "XDG_CACHE_HOME": str(blocker / "xdg"), "PYTHONPATH": str(pkg_root),
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    full_env = {k: v for k, v in os.environ.items() if k not in env}
-    full_env.update(env)
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["True", "True"], result.stdout
-
-
-def test_missing_cache_dir_is_created(tmp_path):
-    cache = tmp_path / "does" / "not" / "exist"
-    result = _run_python("""
-        import numpy as np, fastbn
-        print(fastbn.batch_norm_forward(np.ones((4, 3), np.float32))[0].sum())
-    """, env={"NUMBA_CACHE_DIR": str(cache)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout) == 0.0
+@pytest.mark.background(NO_CACHE_RUN, "no-cache")
+def test_unusable_cache_dir_does_not_break_import_or_calls():
+    """No writable cache location at all (``_cold_cache.NO_CACHE_SCRIPT``: NUMBA_CACHE_DIR
+    under a regular file, a copy of the package whose __pycache__ dirs are files, HOME and
+    XDG_CACHE_HOME unusable too): import and calls must still work.  (A cache directory
+    that does not exist yet is created: ``test_main.test_warmup_fills_the_disk_cache``.)"""
+    output = NO_CACHE_RUN.output("no-cache")
+    assert "NO_CACHE True True" in output.splitlines(), output

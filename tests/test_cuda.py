@@ -1,31 +1,30 @@
-"""The CUDA backend's tests (``tests/cuda``), run on Numba's CUDA simulator when this
-process has no GPU, and the host path's independence from CUDA.
+"""The CUDA backend's tests (``tests/cuda`` and ``test_layers_device.py``), run on
+Numba's CUDA simulator when this process has no GPU, and the host path's independence
+from CUDA.
 
 The simulator must be chosen before numba is imported, which this pytest process has
-long done for the CPU tests, so the simulator run is a separate ``python -m pytest
-tests/cuda`` process with ``NUMBA_ENABLE_CUDASIM=1``, started in the background when
-this test is collected and waited for last (see ``tests/conftest.py``).  Where this process can run
-CUDA itself (a GPU, or the simulator already on), ``tests/cuda`` is collected here
-directly and the subprocess is skipped.
+long done for the CPU tests, so the simulator run is a separate ``python -m pytest``
+process with ``NUMBA_ENABLE_CUDASIM=1``, started in the background when the suite is
+collected and waited for last (``_background``).  Where this process can run CUDA itself
+(a GPU, or the simulator already on), those tests are collected here directly and the
+subprocess is skipped.
 """
 
 import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 import numba
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-CUDA_TESTS = REPO_ROOT / "tests" / "cuda"
-#: The simulator run takes a few minutes on 2 cores; allow for a slow CI machine.
-SIMULATOR_RUN_TIMEOUT_S = 1500
-SIMULATOR_COMMAND = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CUDA_TESTS)]
+from _background import BackgroundRun
 
-#: The background simulator run: (process, output file), see start_simulator_run.
-_simulator_run = None
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: Every test that needs CUDA: the simulator runs them in one process.
+CUDA_TESTS = ["tests/cuda", "tests/test_layers_device.py"]
+SIMULATOR_COMMAND = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS]
+SIMULATOR_RUN = BackgroundRun("cuda-simulator", {"simulator": SIMULATOR_COMMAND}, env={"NUMBA_ENABLE_CUDASIM": "1"})
 
 
 def _cuda_runs_in_this_process():
@@ -35,42 +34,13 @@ def _cuda_runs_in_this_process():
     return cuda.is_available()
 
 
-def start_simulator_run():
-    """Start the simulator run in the background (once).  The conftest calls this at
-    collection so its single-threaded minutes overlap the rest of the suite; the test
-    below waits for it."""
-    global _simulator_run
-    if _simulator_run is None and not _cuda_runs_in_this_process():
-        output = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-        process = subprocess.Popen(SIMULATOR_COMMAND, cwd=REPO_ROOT, env=env, stdout=output,
-                                   stderr=subprocess.STDOUT, text=True)
-        _simulator_run = (process, output)
-    return _simulator_run
+_IN_PROCESS = _cuda_runs_in_this_process()
 
 
-def stop_simulator_run():
-    """Kill a background run nobody waited for (the session ended early); close its output."""
-    if _simulator_run is None:
-        return
-    process, output = _simulator_run
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    output.close()
-
-
+@(pytest.mark.skip(reason="the CUDA tests run directly in this process (GPU or simulator available)")
+  if _IN_PROCESS else pytest.mark.background(SIMULATOR_RUN, "simulator"))
 def test_cuda_backend_on_the_simulator():
-    if _cuda_runs_in_this_process():
-        pytest.skip("tests/cuda run directly in this process (GPU or simulator available)")
-    process, output = start_simulator_run()
-    try:
-        returncode = process.wait(timeout=SIMULATOR_RUN_TIMEOUT_S)
-        output.seek(0)
-        text = output.read()
-    finally:
-        stop_simulator_run()
-    assert returncode == 0, f"`NUMBA_ENABLE_CUDASIM=1 {' '.join(SIMULATOR_COMMAND[1:])}` failed:\n{text}"
+    text = SIMULATOR_RUN.output("simulator")
     last_line = text.strip().splitlines()[-1]
     assert " passed" in last_line and " skipped" not in last_line, text
 

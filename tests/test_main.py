@@ -1,30 +1,27 @@
-"""The main job and the bench report run end to end (tiny shapes; speed is not checked)."""
+"""The main job and the bench report run end to end (tiny shapes; speed is not checked).
 
-import json
+``python -m fastbn`` runs in the background run ``_cold_cache.COLD_CACHE_RUN`` (its
+commands name the arguments), started at collection; these tests check what it printed.
+"""
+
 import pathlib
-import subprocess
-import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+import pytest
 
-
-def run_module(*args):
-    return subprocess.run([sys.executable, "-m", "fastbn", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+from _cold_cache import COLD_CACHE_DIR, COLD_CACHE_RUN, json_document
 
 
+@pytest.mark.background(COLD_CACHE_RUN, "main")
 def test_main_job_checks_and_times():
-    result = run_module("--shape", "4,8,6,6", "--repeat", "2")
-    assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout.splitlines()
-    assert result.stdout.count("forward (train)") == 2 and result.stdout.count("backward") == 2
+    stdout = COLD_CACHE_RUN.output("main")
+    assert "OK" in stdout.splitlines()
+    assert stdout.count("forward (train)") == 2 and stdout.count("backward") == 2
 
 
+@pytest.mark.background(COLD_CACHE_RUN, "bench")
 def test_bench_report_json_rows_are_consistent():
-    result = run_module("bench", "--quick", "--no-reference", "--shapes", "4,8,6,6", "64,12",
-                        "--ops", "forward_train", "backward", "--json", "-")
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    stdout = COLD_CACHE_RUN.output("bench")
+    doc = json_document(stdout)
     rows = doc["rows"]
     assert len(rows) == 2 * 2 * 2  # shapes x layouts x ops
     for row in rows:
@@ -33,8 +30,8 @@ def test_bench_report_json_rows_are_consistent():
         assert row["roofline_fraction"] == row["roofline_s"] / row["fastbn_s"]
         assert row["roofline_suspect"] == (row["roofline_fraction"] > 1.10)
         assert row["cache"] == "in-cache" and row["footprint_bytes"] <= row["llc_bytes"] == doc["llc_bytes"]
-    assert "float64 NumPy reference" in result.stdout
-    assert "native_batch_norm_backward" in result.stdout
+    assert "float64 NumPy reference" in stdout
+    assert "native_batch_norm_backward" in stdout
 
 
 def test_progress_counter_never_exceeds_its_total():
@@ -94,24 +91,18 @@ def test_small_shape_set_and_per_call_timer():
     assert 0 < t < 1e-3 and len(calls) > 3 + 4  # warm-up, calibration, then batches of calls
 
 
+@pytest.mark.background(COLD_CACHE_RUN, "bench-small")
 def test_bench_small_flag_times_the_small_shapes():
-    result = run_module("bench", "--small", "--quick", "--no-reference", "--layouts", "NCHW",
-                        "--ops", "forward_train", "--json", "-")
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    doc = json_document(COLD_CACHE_RUN.output("bench-small"))
     assert [tuple(r["shape"]) for r in doc["rows"]] == [(32, 128), (256, 64), (8, 16, 8, 8), (16, 32, 16, 16)]
 
 
+@pytest.mark.background(COLD_CACHE_RUN, "bench-step")
 def test_bench_step_compares_training_steps():
-    pytest = __import__("pytest")
     pytest.importorskip("torch")
-    import os
-    env = dict(os.environ, FASTBN_BENCH_SMOKE="1")
-    result = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--step", "--quick", "--json", "-"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "thread settings: OMP_NUM_THREADS=" in result.stdout and "module hooks" in result.stdout
-    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    stdout = COLD_CACHE_RUN.output("bench-step")  # FASTBN_BENCH_SMOKE=1: tiny models
+    assert "thread settings: OMP_NUM_THREADS=" in stdout and "module hooks" in stdout
+    doc = json_document(stdout)
     assert [(r["model"], r["memory_format"]) for r in doc["rows"]] == [
         ("cnn", "NCHW"), ("cnn", "channels_last"), ("mlp", "-")]
     for r in doc["rows"]:
@@ -120,16 +111,18 @@ def test_bench_step_compares_training_steps():
         assert 0 < r["torch_bn_share"] < 1 and 0 < r["fastbn_bn_share"] < 1
 
 
-def test_warmup_fills_the_disk_cache(tmp_path):
-    import os
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "fastbn", "warmup", "--dtypes", "float32", "--layouts", "NCHW"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr
-    assert f"NUMBA_CACHE_DIR: {tmp_path}" in result.stdout
-    index_files = list(tmp_path.rglob("*.nbi"))
-    assert index_files and list(tmp_path.rglob("*.nbc"))
+@pytest.mark.background(COLD_CACHE_RUN, "warmup")
+def test_warmup_fills_the_disk_cache():
+    """``python -m fastbn warmup`` in a cache directory that did not exist (the first
+    process of the run made it; after the vectorization probe, when that runs too, warmup
+    loads the batch-norm kernels the probe compiled): it must leave layer and group norm,
+    which nothing before it ran, in the cache."""
+    warmup_output = COLD_CACHE_RUN.output("warmup")
+    cache_dir = pathlib.Path(COLD_CACHE_DIR.replace("{scratch}", COLD_CACHE_RUN.scratch))
+    assert f"NUMBA_CACHE_DIR: {cache_dir}" in warmup_output
+    index_files = list(cache_dir.rglob("*.nbi"))
+    assert index_files and list(cache_dir.rglob("*.nbc"))
     kernels = {path.name.partition("-")[0] for path in index_files}
     assert {"layer.layer_forward", "layer.layer_backward", "groups.group_forward_coefficients"} <= kernels
-    cache_line = next(line for line in result.stdout.splitlines() if line.startswith("cache: "))
-    assert str(tmp_path) in cache_line
+    cache_line = next(line for line in warmup_output.splitlines() if line.startswith("cache: "))
+    assert str(cache_dir) in cache_line

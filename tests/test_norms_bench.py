@@ -1,14 +1,13 @@
 """``python -m fastbn bench --op layer|group|instance`` runs end to end on tiny shapes
 (speed is not checked) and reports fastbn against torch in the same rows."""
 
-import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from fastbn import bench_norms
+
+from _cold_cache import COLD_CACHE_RUN, json_document
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -22,12 +21,12 @@ def test_rows_cover_layouts_and_directions():
         assert r["torch_ms"] is None or r["speedup"] == r["torch_ms"] / r["fastbn_ms"]
 
 
+@pytest.mark.background(COLD_CACHE_RUN, "bench-layer")
 def test_cli_op_option_json():
+    """``python -m fastbn bench --op layer --quick --shapes 16,8 --json -``, run in the
+    background (``_cold_cache.COLD_CACHE_RUN``)."""
     pytest.importorskip("torch")
-    result = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--op", "layer", "--quick", "--shapes",
-                             "16,8", "--json", "-"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    doc = json_document(COLD_CACHE_RUN.output("bench-layer"))
     assert doc["op"] == "layer" and [r["direction"] for r in doc["rows"]] == ["forward", "backward"]
     assert all(r["torch_ms"] > 0 for r in doc["rows"])
 
