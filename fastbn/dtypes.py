@@ -8,8 +8,8 @@ storage     accumulate  statistics  parameters    compute     backends
                         batch_stats) bias, running, arithmetic,
                                     dweight)      coefficients)
 ==========  ==========  ==========  ============  ==========  ===========
-float16     float32     float32     float32       float32     cuda
-bfloat16    float32     float32     float32       float32     (none yet)
+float16     float32     float32     float32       float32     cpu, cuda
+bfloat16    float32     float32     float32       float32     cpu
 float32     float64     float64     float32       float32     cpu, cuda
 float64     float64     float64     float64       float64     cpu, cuda
 ==========  ==========  ==========  ============  ==========  ===========
@@ -18,7 +18,11 @@ float64     float64     float64     float64       float64     cpu, cuda
   (x = 1e4 + randn) keeps its variance and the backward pass sees the mean unrounded.
 - 16-bit storage accumulates in float32 (exact enough for 8- to 11-bit mantissas) and
   keeps parameters and statistics in float32, as PyTorch's mixed-precision batch norm.
-  bfloat16 is named by ``ml_dtypes.bfloat16`` arrays on the host; no backend stores it yet.
+  The CPU kernels widen each value to float32 and accumulate in float64, the float32
+  path's accumulators (one set of reduction kernels; accumulation is not their cost),
+  and return float32 statistics.  bfloat16 is named by ``ml_dtypes.bfloat16`` arrays on
+  the host (an optional dependency); kernels see 16-bit storage through the integer
+  views of :mod:`fastbn.half`.
 - :class:`fastbn.Moments` is float64 for every storage dtype: the merge runs in float64.
 """
 
@@ -43,8 +47,8 @@ class DtypePolicy(NamedTuple):
 
 #: The policy of every storage dtype fastbn knows, by dtype name.
 POLICIES = {
-    "float16": DtypePolicy("float16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cuda",)),
-    "bfloat16": DtypePolicy("bfloat16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ()),
+    "float16": DtypePolicy("float16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu", "cuda")),
+    "bfloat16": DtypePolicy("bfloat16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu",)),
     "float32": DtypePolicy("float32", FLOAT64, FLOAT64, FLOAT32, FLOAT32, ("cpu", "cuda")),
     "float64": DtypePolicy("float64", FLOAT64, FLOAT64, FLOAT64, FLOAT64, ("cpu", "cuda")),
 }
@@ -68,9 +72,23 @@ def policy(dtype):
     return found
 
 
+def numpy_dtype(name):
+    """The NumPy dtype named ``name``, or None for bfloat16 without ``ml_dtypes`` (an
+    optional dependency, which defines it; imported here when installed, ~20 ms)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def storage_dtypes(backend):
-    """The storage dtypes ``backend`` ("cpu" or "cuda") accepts, as NumPy dtypes."""
-    return tuple(np.dtype(name) for name, p in POLICIES.items() if backend in p.backends)
+    """The storage dtypes ``backend`` ("cpu" or "cuda") accepts, as NumPy dtypes (those
+    NumPy can name: bfloat16 only with ``ml_dtypes`` installed)."""
+    found = (numpy_dtype(name) for name, p in POLICIES.items() if backend in p.backends)
+    return tuple(d for d in found if d is not None)
 
 
 def statistics_dtypes(backend):
