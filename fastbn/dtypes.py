@@ -45,12 +45,13 @@ class DtypePolicy(NamedTuple):
     backends: tuple
 
 
-#: The policy of every storage dtype fastbn knows, by dtype name.
+#: The policy of every storage dtype fastbn knows, by dtype name (in the order error
+#: messages list the accepted dtypes).
 POLICIES = {
-    "float16": DtypePolicy("float16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu", "cuda")),
-    "bfloat16": DtypePolicy("bfloat16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu",)),
     "float32": DtypePolicy("float32", FLOAT64, FLOAT64, FLOAT32, FLOAT32, ("cpu", "cuda")),
     "float64": DtypePolicy("float64", FLOAT64, FLOAT64, FLOAT64, FLOAT64, ("cpu", "cuda")),
+    "float16": DtypePolicy("float16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu", "cuda")),
+    "bfloat16": DtypePolicy("bfloat16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu",)),
 }
 
 
