@@ -174,6 +174,32 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def format_dtype_table(rows, dtype_names):
+    """fastbn's effective GB/s per storage dtype, side by side, and each dtype's time as a
+    fraction of the first one's (16-bit storage moves half float32's bytes: 0.50 is the
+    bandwidth-bound ideal against float32)."""
+    first = dtype_names[0]
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((tuple(r["shape"]), r["layout"], r["op"]), {})[r["dtype"]] = r
+    header = (f"{'shape':16} {'layout':6} {'op':13}" + "".join(f" {name + ' GB/s':>13}" for name in dtype_names)
+              + "".join(f" {'t ' + name + '/' + first:>18}" for name in dtype_names[1:]))
+    lines = [header, "-" * len(header)]
+    for (shape, layout, op), per_dtype in by_case.items():
+        line = f"{fbench.shape_label(shape):16} {layout:6} {op:13}"
+        for name in dtype_names:
+            line += f" {per_dtype[name]['gbps']:13.1f}" if name in per_dtype else f" {'-':>13}"
+        for name in dtype_names[1:]:
+            if name in per_dtype and first in per_dtype:
+                line += f" {per_dtype[name]['fastbn_s'] / per_dtype[first]['fastbn_s']:18.2f}"
+            else:
+                line += f" {'-':>18}"
+        lines.append(line)
+    lines.append(f"t <dtype>/{first}: fastbn's time in that dtype / its time in {first} (same shape, layout, "
+                 "op); 0.50 is the bandwidth-bound ideal for 16-bit against float32.")
+    return "\n".join(lines)
+
+
 def table_legend(rows, llc_bytes):
     """What each column of :func:`format_table` means (printed under the table)."""
     lines = [
@@ -264,7 +290,8 @@ def bench_main(args):
 
     if args.threads is not None:
         numba.set_num_threads(args.threads)
-    dtype = np.dtype(args.bench_dtype)
+    dtypes = [fbench.parse_dtype(name) for name in dict.fromkeys(args.bench_dtypes)]
+    dtype = dtypes[0]
     small = args.small or args.shapes == ["small"]
     if args.small:
         shapes = list(fbench.SMALL_SHAPES) + (fbench.parse_shapes(args.shapes) if args.shapes else [])
@@ -278,21 +305,33 @@ def bench_main(args):
     else:
         torch_version = None
     print(f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
-          f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, {dtype}, "
-          f"{platform.machine()}")
+          f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, "
+          f"{', '.join(d.name for d in dtypes)}, {platform.machine()}")
+    if (args.step or getattr(args, "op", "batch") != "batch") and len(dtypes) > 1:
+        print("--step and --op other than batch take one --dtype", file=sys.stderr)
+        return 2
     if args.step:
         return step_main(args, dtype)
     if getattr(args, "op", "batch") != "batch":
         from .bench_norms import norms_main
         return norms_main(args, dtype, fbench.parse_shapes, fbench.smoke())
     llc_bytes = fbench.last_level_cache_bytes()
-    rows = list(bench_rows(shapes, args.layouts, ops, dtype, quick=args.quick,
-                           with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
-    print(format_table(rows))
+    rows = []
+    for each in dtypes:
+        these = list(bench_rows(shapes, args.layouts, ops, each, quick=args.quick,
+                                with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
+        if len(dtypes) > 1:
+            print(f"\n{each.name}:")
+        print(format_table(these))
+        rows += these
     print(table_legend(rows, llc_bytes))
+    if len(dtypes) > 1:
+        print()
+        print(format_dtype_table(rows, [d.name for d in dtypes]))
     if args.json:
         doc = {"fastbn": fastbn.__version__, "numba": numba.__version__, "numpy": np.__version__,
                "torch": torch_version, "threads": numba.get_num_threads(), "dtype": dtype.name,
+               "dtypes": [d.name for d in dtypes],
                "machine": platform.machine(), "processor": platform.processor(), "llc_bytes": llc_bytes,
                "rows": rows}
         if args.json == "-":
