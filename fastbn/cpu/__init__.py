@@ -3,6 +3,8 @@
 pipeline's stages that launch them (:mod:`~fastbn.cpu.stages`); small tensors' whole
 passes in one call each (:mod:`~fastbn.cpu.fused`)."""
 
+# First: registers the CPU's float16 conversions, which the kernels compiled below use.
+from . import native_half  # noqa: F401
 from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
                      forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
                      moments_var, new_output, parameter_gradients)
