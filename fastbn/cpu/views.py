@@ -52,8 +52,13 @@ def block_view(a, geometry):
 
 def _as_kernel_dtype(a):
     """``a`` as the kernels type it: 16-bit float storage as its integer view."""
-    # itemsize first: the dtype's name is computed on every access (~1 us).
-    return storage_view(a, a.dtype.name) if a.itemsize == 2 else a
+    return storage_view(a, _storage_name(a.dtype)) if a.itemsize == 2 else a
+
+
+@functools.lru_cache(maxsize=None)
+def _storage_name(dtype):
+    # NumPy computes a dtype's name on every access (several us): small calls notice.
+    return dtype.name
 
 
 def storage_values(view, dtype):

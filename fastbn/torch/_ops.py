@@ -88,7 +88,9 @@ def _as_tensor(array, device):
     if isinstance(array, torch.Tensor):
         return array
     if isinstance(array, np.ndarray):
-        if array.dtype.name == "bfloat16":  # an ml_dtypes array: torch.from_numpy refuses its dtype
+        # An ml_dtypes bfloat16 array, which torch.from_numpy refuses (itemsize first:
+        # NumPy computes a dtype's name on every access, several us).
+        if array.itemsize == 2 and array.dtype.name == "bfloat16":
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
     return torch.as_tensor(array, device=device)  # any __cuda_array_interface__ object
