@@ -48,16 +48,19 @@ ROOF_FLAG = 1.10
 
 def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, rounds=3,
                progress=_progress, llc_bytes=None):
-    """Measure every (shape, layout, op); yields one dict per case.
+    """Measure every (shape, layout, op) in ``dtype`` (a dtype, or a list of them to compare
+    storage dtypes); yields one dict per case and dtype.
 
     Per shape, every case is prepared (inputs shared by the implementations), then timed
     in ``rounds`` interleaved rounds, keeping each one's best per-call time (batches of
     calls for microsecond cases, see fastbn._timing.best_per_call): a burst of load from
-    other processes then spoils one round, not a case.  The roofline of each case is
-    measured right after fastbn's timing of it, in every round (best kept), over the
-    case's own arrays (same bytes, same cache state; see fastbn.bench.case_roofline).
-    The NumPy reference (slow) is timed in the first round only.
+    other processes then spoils one round, not a case, and with several dtypes not one
+    dtype's timings.  The roofline of each case is measured right after fastbn's timing of
+    it, in every round (best kept), over the case's own arrays (same bytes, same cache
+    state; see fastbn.bench.case_roofline).  The NumPy reference (slow) is timed in the
+    first round only.
     """
+    dtypes = [np.dtype(d) for d in dtype] if isinstance(dtype, (list, tuple)) else [np.dtype(dtype)]
     impls = fbench.available_implementations()
     if not with_reference:
         impls.pop("numpy", None)
@@ -67,13 +70,15 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
     # Count the cases each shape will time, so the progress total is exact.
     timed_first = timed_later = 0
     for shape in shapes:
-        for layout in layouts:
-            for op in ops:
-                for name, cls in impls.items():
-                    if cls().supports(op, layout, shape, dtype):
-                        timed_first += 1
-                        timed_later += name != "numpy"
-    total = progress_total(len(shapes), len(layouts) * len(ops) * len(impls), (timed_first, timed_later), rounds)
+        for each in dtypes:
+            for layout in layouts:
+                for op in ops:
+                    for name, cls in impls.items():
+                        if cls().supports(op, layout, shape, each):
+                            timed_first += 1
+                            timed_later += name != "numpy"
+    total = progress_total(len(shapes), len(dtypes) * len(layouts) * len(ops) * len(impls),
+                           (timed_first, timed_later), rounds)
     done = 0
 
     def step(text):
@@ -84,22 +89,23 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
     for shape in shapes:
         fbench.sharing_inputs(True)
         cases = []
-        for layout in layouts:
-            for op in ops:
-                for name, cls in impls.items():
-                    impl = cls()
-                    step(f"compile {name} {op} {layout} {fbench.shape_label(shape)}")
-                    if impl.supports(op, layout, shape, dtype):
-                        fn = impl.prepare(op, layout, shape, dtype)
-                        fn()
-                        cases.append((layout, op, name, fn))
+        for each in dtypes:
+            for layout in layouts:
+                for op in ops:
+                    for name, cls in impls.items():
+                        impl = cls()
+                        step(f"compile {name} {op} {layout} {fbench.shape_label(shape)} {each.name}")
+                        if impl.supports(op, layout, shape, each):
+                            fn = impl.prepare(op, layout, shape, each)
+                            fn()
+                            cases.append((each, layout, op, name, fn))
         best = {}
         roofs = {}
         for r in range(rounds):
-            for layout, op, name, fn in cases:
+            for each, layout, op, name, fn in cases:
                 if name == "numpy" and r > 0:
                     continue
-                step(f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)}")
+                step(f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)} {each.name}")
                 # PyTorch and Numba each keep an OpenMP pool whose idle workers spin for a
                 # while before sleeping; a pause lets the other pool go to sleep first, so
                 # each implementation is timed with the cores to itself, in its default
@@ -109,41 +115,50 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                     t = fbench.best_time(fn, 1 if quick else 3, 0.0, max_time=2.0)
                 else:
                     t = fbench.best_per_call(fn, repeat, min_time)
-                key = (layout, op, name)
+                key = (each, layout, op, name)
                 best[key] = min(best.get(key, float("inf")), t)
                 if name == "fastbn":
                     # The bound right after the case it bounds, over the same arrays: this
                     # machine's bandwidth drifts over a run, and a bound measured at another
                     # moment or on other bytes can read below the kernel it is meant to bound.
-                    x, dy, _, _, _, _ = fbench.shared_inputs(shape, layout, dtype)
-                    out = fbench.shared_output(shape, layout, dtype)
+                    x, dy, _, _, _, _ = fbench.shared_inputs(shape, layout, each)
+                    out = fbench.shared_output(shape, layout, each)
                     roof = fbench.case_roofline(op, x, dy, out, repeat, min_time)
-                    roofs[(layout, op)] = min(roofs.get((layout, op), float("inf")), roof)
+                    roofs[(each, layout, op)] = min(roofs.get((each, layout, op), float("inf")), roof)
         del cases
         fbench.sharing_inputs(False)
-        for layout in layouts:
-            for op in ops:
-                if (layout, op, "fastbn") not in best:
-                    continue
-                row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
-                       "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype),
-                       "footprint_bytes": fbench.footprint_bytes(op, shape, dtype),
-                       "llc_bytes": llc_bytes, "cache": fbench.cache_label(op, shape, dtype, llc_bytes)}
-                for name in impls:
-                    if (layout, op, name) in best:
-                        row[f"{name}_s"] = best[(layout, op, name)]
-                row["roofline_s"] = roofs[(layout, op)]
-                row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
-                row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
-                row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
-                row["roofline_suspect"] = row["roofline_fraction"] > ROOF_FLAG
-                for name in impls:
-                    if name != "fastbn" and f"{name}_s" in row:
-                        row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["fastbn_s"]
-                yield row
+        for each in dtypes:
+            for layout in layouts:
+                for op in ops:
+                    if (each, layout, op, "fastbn") not in best:
+                        continue
+                    yield _row(shape, layout, op, each, llc_bytes, impls,
+                               {name: best[(each, layout, op, name)] for name in impls
+                                if (each, layout, op, name) in best}, roofs[(each, layout, op)])
     progress(total, total, "done")
     if sys.stderr.isatty():
         sys.stderr.write("\n")
+
+
+def _row(shape, layout, op, dtype, llc_bytes, impls, times, roofline_s):
+    """One report row: the case, each implementation's time (``times``: name -> s) and
+    the derived bandwidths and ratios."""
+    row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
+           "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype),
+           "footprint_bytes": fbench.footprint_bytes(op, shape, dtype),
+           "llc_bytes": llc_bytes, "cache": fbench.cache_label(op, shape, dtype, llc_bytes)}
+    for name in impls:
+        if name in times:
+            row[f"{name}_s"] = times[name]
+    row["roofline_s"] = roofline_s
+    row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
+    row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
+    row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
+    row["roofline_suspect"] = row["roofline_fraction"] > ROOF_FLAG
+    for name in impls:
+        if name != "fastbn" and f"{name}_s" in row:
+            row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["fastbn_s"]
+    return row
 
 
 def time_unit(rows):
@@ -316,14 +331,12 @@ def bench_main(args):
         from .bench_norms import norms_main
         return norms_main(args, dtype, fbench.parse_shapes, fbench.smoke())
     llc_bytes = fbench.last_level_cache_bytes()
-    rows = []
+    rows = list(bench_rows(shapes, args.layouts, ops, dtypes, quick=args.quick,
+                           with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
     for each in dtypes:
-        these = list(bench_rows(shapes, args.layouts, ops, each, quick=args.quick,
-                                with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
         if len(dtypes) > 1:
             print(f"\n{each.name}:")
-        print(format_table(these))
-        rows += these
+        print(format_table([r for r in rows if r["dtype"] == each.name]))
     print(table_legend(rows, llc_bytes))
     if len(dtypes) > 1:
         print()

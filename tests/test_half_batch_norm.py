@@ -324,3 +324,23 @@ def test_cpu_float16_conversions_are_exact():
         np.testing.assert_array_equal(narrowed, values.astype(np.float16).view(np.uint16))
     if native_half.NATIVE_FLOAT16:  # the hardware conversions were the ones compiled
         assert "fpext half" in convert.inspect_llvm(convert.signatures[0])
+
+
+def test_bench_compares_storage_dtypes(monkeypatch):
+    """``python -m fastbn bench --dtype float32 float16``: rows per dtype, 16-bit inputs
+    with float32 parameters, half the bytes, and the side-by-side table (fastbn alone,
+    no pauses: the plumbing, not the timings)."""
+    from fastbn import bench, bench_report
+
+    monkeypatch.setattr(bench_report, "IDLE_PAUSE_S", 0.0)
+    monkeypatch.setattr(bench, "available_implementations", lambda: {"fastbn": bench.Fastbn})
+
+    x, _, weight, _, running_mean, _ = bench.make_inputs((4, 8, 6, 6), "NCHW", np.float16)
+    assert x.dtype == np.float16 and weight.dtype == running_mean.dtype == np.float32
+    rows = list(bench_report.bench_rows([(4, 8, 6, 6)], ["NCHW"], ["forward_train"], [np.float32, np.float16],
+                                        quick=True, with_reference=False, progress=lambda *args: None))
+    assert [r["dtype"] for r in rows] == ["float32", "float16"]
+    assert rows[1]["bytes"] * 2 == rows[0]["bytes"] and all(r["fastbn_s"] > 0 for r in rows)
+    table = bench_report.format_dtype_table(rows, ["float32", "float16"])
+    ratio = rows[1]["fastbn_s"] / rows[0]["fastbn_s"]
+    assert "float16 GB/s" in table and f"{ratio:.2f}" in table.splitlines()[2]
