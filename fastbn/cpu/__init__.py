@@ -11,5 +11,5 @@ from .stages import (apply, as_dense, backward_apply, backward_coefficients, bac
 from .fused import backward as fused_backward, forward as fused_forward
 
 __all__ = ["NATIVE_FLOAT16", "apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale",
-           "backward_sums", "forward_coefficients", "fused_backward", "fused_forward", "geometry", "mean_var", "merge_moments",
-           "merge_sums", "moments", "moments_invstd", "moments_var", "new_output", "parameter_gradients"]
+           "backward_sums", "forward_coefficients", "fused_backward", "fused_forward", "geometry", "mean_var",
+           "merge_moments", "merge_sums", "moments", "moments_invstd", "moments_var", "new_output", "parameter_gradients"]
