@@ -94,7 +94,8 @@ def storage_dtypes(backend):
 
 def statistics_dtypes(backend):
     """The dtypes of statistics (``save_mean``, ``save_invstd``) ``backend`` accepts back."""
-    return tuple(dict.fromkeys(policy(d).statistics for d in storage_dtypes(backend)))
+    found = {policy(d).statistics for d in storage_dtypes(backend)}
+    return tuple(sorted(found, key=lambda d: d.itemsize))  # messages list float32 first
 
 
 @functools.lru_cache(maxsize=None)
