@@ -344,3 +344,20 @@ def test_bench_compares_storage_dtypes(monkeypatch):
     table = bench_report.format_dtype_table(rows, ["float32", "float16"])
     ratio = rows[1]["fastbn_s"] / rows[0]["fastbn_s"]
     assert "float16 GB/s" in table and f"{ratio:.2f}" in table.splitlines()[2]
+
+
+def test_distributed_single_rank_equals_the_local_call():
+    """fastbn.distributed composes the same CPU stages, so 16-bit storage works there too:
+    one MPI rank gives the local call's results bit for bit."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from fastbn import distributed
+
+    x, dy, weight, bias = _data(SHAPES["small"], "NCHW", np.dtype(np.float16), seed=10)
+    y, mean, invstd = distributed.batch_norm_forward(x, weight, bias, comm=MPI.COMM_SELF)
+    expected = fastbn.batch_norm_forward(x, weight, bias)
+    np.testing.assert_array_equal(y.view(np.uint16), expected[0].view(np.uint16))
+    np.testing.assert_array_equal(mean, expected[1])
+    dx, dweight, _ = distributed.batch_norm_backward(dy, x, mean, invstd, weight, comm=MPI.COMM_SELF)
+    expected = fastbn.batch_norm_backward(dy, x, mean, invstd, weight)
+    np.testing.assert_array_equal(dx.view(np.uint16), expected[0].view(np.uint16))
+    np.testing.assert_array_equal(dweight, expected[1])
