@@ -103,7 +103,10 @@ def build_parser():
     bench.add_argument("--op", default="batch", choices=["batch", "layer", "group", "instance"],
                        help="the normalization compared: batch (default) or layer/group/instance norm against "
                             "PyTorch (fastbn.bench_norms)")
-    bench.add_argument("--dtype", dest="bench_dtype", default="float32", choices=["float32", "float64"])
+    bench.add_argument("--dtype", dest="bench_dtypes", nargs="+", default=["float32"],
+                       choices=["float32", "float64", "float16", "bfloat16"],
+                       help="storage dtype(s); several: a table each, then GB/s side by side (bfloat16 needs "
+                            "ml_dtypes; the training-step and norm comparisons take one)")
     bench.add_argument("--ops", nargs="+", default=None, choices=list(fbench.OPS), metavar="OP",
                        help=f"subset of {', '.join(fbench.OPS)}")
     bench.add_argument("--layouts", nargs="+", default=list(fbench.LAYOUTS), choices=list(fbench.LAYOUTS))

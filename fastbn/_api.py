@@ -17,9 +17,12 @@ Contract shared by every public function (see also each docstring):
   device arrays (numba device arrays, CuPy arrays, PyTorch CUDA tensors: anything with
   ``__cuda_array_interface__``) run the CUDA kernels with no host round trip, and
   results come back as the caller's kind of array.  Mixing host and device arrays in
-  one call is a TypeError.  On the device, float16 ``x`` is accepted too: it is
-  accumulated in float32, and its weight, bias, running statistics, saved statistics,
-  ``dweight`` and ``dbias`` are float32 (float16 ``y``/``dx``).
+  one call is a TypeError.
+- Half precision (:mod:`fastbn.dtypes`): float16 ``x`` (NumPy or device arrays) and
+  bfloat16 ``x`` (NumPy arrays of ``ml_dtypes.bfloat16``, CPU only) are stored in 16 bits
+  and computed in float32: their weight, bias, running statistics, saved statistics,
+  ``dweight`` and ``dbias`` are float32, ``y``/``dx`` (and ``out``, ``residual``) are
+  of x's dtype, each value rounded once (to nearest even) from float32.
 - Empty batches (NumPy arrays with a dimension of size 0, N = 0 or any other, as
   ``torch.nn.functional.batch_norm`` on the CPU; device arrays refuse them) are valid in
   training and eval: ``y``/``dx`` are empty, the running statistics are left untouched,
@@ -58,10 +61,16 @@ def _empty_batch_forward(b, x, num_channels, weight, bias, running_mean, running
     """batch_norm_forward's result for an empty host ``x``: nothing to normalize or update."""
     y = np.empty(x.shape, dtype) if out is None else out
     if training:
-        return y, np.full(num_channels, np.nan), np.full(num_channels, np.nan)
+        return (y, *_no_statistics(num_channels, dtype))
     coefficients = b.forward_coefficients(
         None, running_mean, running_var, False, weight, bias, float(eps), None, None, 0.0, False, dtype)
     return y, coefficients.mean, coefficients.invstd
+
+
+def _no_statistics(num_channels, dtype):
+    """(mean, var) of an empty batch: NaN, in the statistics dtype of ``dtype``."""
+    statistics = dtypes.policy(dtype).statistics
+    return np.full(num_channels, np.nan, statistics), np.full(num_channels, np.nan, statistics)
 
 
 def batch_stats(x, *, layout="NCHW"):
@@ -69,24 +78,24 @@ def batch_stats(x, *, layout="NCHW"):
 
     Parameters
     ----------
-    x : float32 or float64 array of rank 2-5, channels on axis 1 (``layout="NCHW"``:
+    x : float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``; CPU only) array
+        of rank 2-5, channels on axis 1 (``layout="NCHW"``:
         (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)) or on the last axis
         (``layout="NHWC"``).  A numpy.ndarray (any strides) or a CUDA device array;
         lists, scalars, 0-d/1-d arrays, empty device arrays and integer,
-        bool, complex, object or (on the CPU) float16 dtypes raise TypeError/ValueError.
+        bool, complex or object dtypes raise TypeError/ValueError.
     layout : "NCHW" or "NHWC".
 
     Returns
     -------
-    (mean, var) : float64 arrays of shape (C,) (float32 for float16 device input); NaN
-        for an empty x (see the module docstring).
+    (mean, var) : float64 arrays of shape (C,) (float32 for float16 and bfloat16 input);
+        NaN for an empty x (see the module docstring).
     """
     backend = select_backend({"x": x})
     _checks.check_layout(layout)
     _checks.check_input(x, "x", backend.storage_dtypes, _allows_empty(backend))
     if _checks.is_empty(x.shape):
-        channels = x.shape[_checks.channel_axis(x.ndim, layout)]
-        return np.full(channels, np.nan), np.full(channels, np.nan)
+        return _no_statistics(x.shape[_checks.channel_axis(x.ndim, layout)], _checks.dtype_of(x))
     b = backend.module
     return b.mean_var(b.moments(x, b.geometry(x, layout)), _checks.dtype_of(x))
 
@@ -109,11 +118,13 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
 
     Parameters
     ----------
-    x : float32 or float64 array of rank 2-5 in ``layout`` (see :func:`batch_stats`).
-    weight, bias : (C,) arrays of x's dtype, or None (scale 1, shift 0).  Each is
+    x : float32, float64, float16 or bfloat16 array of rank 2-5 in ``layout`` (see
+        :func:`batch_stats`).
+    weight, bias : (C,) arrays of x's dtype (float32 for float16/bfloat16 x), or None
+        (scale 1, shift 0).  Each is
         optional on its own, as in PyTorch: weight without bias and bias without weight
         are both valid.
-    running_mean, running_var : (C,) arrays of x's dtype, or None (both or neither;
+    running_mean, running_var : (C,) arrays of weight's dtype, or None (both or neither;
         only one is a ValueError).  Training updates them in place (so they must be
         writable and must not share memory with each other):
         ``r = (1 - momentum) * r + momentum * batch``, with the unbiased (n / (n - 1))
@@ -148,7 +159,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     -------
     (y, save_mean, save_invstd) : ``y`` shaped like ``x`` in its dtype (``out`` when
         given); ``save_mean`` and ``save_invstd = 1 / sqrt(var + eps)`` float64 (C,)
-        (float32 for float16 device input), the batch statistics (biased var) when
+        (float32 for float16/bfloat16 input), the batch statistics (biased var) when
         training, the running ones in eval.  Statistics are float64 so the backward pass
         sees the mean unrounded.  With ``virtual_batch_size`` in training they are
         float64 (slices, C), one row per slice.
@@ -208,11 +219,12 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     Parameters
     ----------
     dy : gradient of the loss with respect to ``y``; shape and dtype of ``x``.
-    x : the forward input (float32 or float64, rank 2-5, in ``layout``).
-    save_mean, save_invstd : (C,) float32 or float64 (float32 for float16 device
+    x : the forward input (float32, float64, float16 or bfloat16, rank 2-5, in ``layout``).
+    save_mean, save_invstd : (C,) float32 or float64 (float32 for float16/bfloat16
         input), as returned by
         :func:`batch_norm_forward` with the same ``training``.
-    weight : (C,) array of x's dtype, or None (scale 1).  Bias does not enter the
+    weight : (C,) array of x's parameter dtype (x's, float32 for 16-bit x), or None
+        (scale 1).  Bias does not enter the
         backward pass; ``dbias`` is returned either way.
     training : bool; True differentiates through the batch statistics, False treats
         mean and invstd as constants (frozen batch norm).  True needs more than one
@@ -236,7 +248,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     Returns
     -------
     (dx, dweight, dbias) : ``dx`` like ``x``; ``dweight = sum(dy * x_hat)`` and
-        ``dbias = sum(dy)``, (C,) in x's dtype (returned even when ``weight`` is None).
+        ``dbias = sum(dy)``, (C,) in weight's dtype (returned even when ``weight`` is None).
     (dx, dweight, dbias, dresidual) when ``residual=True``: ``dresidual = g``, a new
         array like ``x`` with ``activation="relu"``; without an activation it is ``dy``
         itself (so ``out`` must not share memory with ``dy`` then: ValueError).
@@ -259,7 +271,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
                          "activation (dy itself is returned as the residual's gradient), got one that does")
     if _checks.is_empty(x.shape):  # sums over no values
         dx = np.empty(x.shape, dtype) if out is None else out
-        grads = (dx, np.zeros(num_channels, dtype), np.zeros(num_channels, dtype))
+        parameters = dtypes.policy(dtype).parameters
+        grads = (dx, np.zeros(num_channels, parameters), np.zeros(num_channels, parameters))
         return (*grads, np.empty(x.shape, dtype) if activation else dy) if residual else grads
     b = backend.module
     geometry = b.geometry(x, layout)

@@ -87,6 +87,14 @@ def check_input(x, name, float_dtypes, allow_empty=False):
     return x
 
 
+def check_not_16_bit(dtype, name, what):
+    """Raise TypeError when ``dtype`` is 16-bit storage (float16, bfloat16), which ``what``
+    (an operation on this backend that has no 16-bit kernels) does not take."""
+    if np.dtype(dtype).itemsize == 2:
+        raise TypeError(f"{name}: expected dtype float32 or float64 ({what} has no float16/bfloat16 kernels "
+                        f"on the CPU), got {np.dtype(dtype).name}")
+
+
 def values_per_channel(shape, layout):
     """Number of values each channel's statistics reduce over."""
     axis = channel_axis(len(shape), layout)

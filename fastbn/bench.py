@@ -29,6 +29,8 @@ import numpy as np
 
 import fastbn
 from fastbn import reference
+from fastbn.dtypes import numpy_dtype, policy
+from fastbn.half import storage_view
 from fastbn._timing import best_per_call, best_time  # noqa: F401  (re-exported for the suites)
 
 OPS = ("stats", "forward_train", "forward_eval", "backward")
@@ -125,14 +127,26 @@ def sharing_inputs(on):
 
 
 def make_inputs(shape, layout, dtype, seed=0):
-    """(x, dy, weight, bias, running_mean, running_var) in ``layout``; ``shape`` in NCHW order."""
+    """(x, dy, weight, bias, running_mean, running_var) in ``layout``; ``shape`` in NCHW order.
+
+    x and dy are of ``dtype``, the per-channel vectors of its parameter dtype (float32
+    for float16/bfloat16, :mod:`fastbn.dtypes`)."""
     rng = np.random.default_rng(seed)
     channels = shape[1]
     x = to_layout((3.0 + 2.0 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype), layout)
     dy = to_layout(rng.standard_normal(shape, dtype=np.float32).astype(dtype), layout)
-    weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
-    bias = rng.standard_normal(channels).astype(dtype)
-    return x, dy, weight, bias, np.zeros(channels, dtype), np.ones(channels, dtype)
+    parameters = policy(dtype).parameters
+    weight = rng.uniform(0.5, 1.5, channels).astype(parameters)
+    bias = rng.standard_normal(channels).astype(parameters)
+    return x, dy, weight, bias, np.zeros(channels, parameters), np.ones(channels, parameters)
+
+
+def parse_dtype(name):
+    """The NumPy dtype named ``name`` (``"bfloat16"`` needs ``ml_dtypes``)."""
+    dtype = numpy_dtype(name)
+    if dtype is None:
+        raise SystemExit(f"--dtype {name}: needs ml_dtypes (pip install ml_dtypes)")
+    return dtype
 
 
 class Implementation:
@@ -173,6 +187,9 @@ class Fastbn(Implementation):
 class Reference(Implementation):
     name, label = "numpy", "NumPy reference (float64)"
 
+    def supports(self, op, layout, shape, dtype):
+        return np.dtype(dtype).itemsize > 2  # 16-bit storage would time its float64 upcast
+
     def prepare(self, op, layout, shape, dtype):
         x, dy, w, b, rm, rv = shared_inputs(shape, layout, dtype)
         if op == "stats":
@@ -207,7 +224,10 @@ class Torch(Implementation):
         x, dy, w, b, rm, rv = shared_inputs(shape, layout, dtype)
 
         def logical(a):  # the NCHW-ordered tensor over a's memory (channels_last for NHWC)
-            t = torch.from_numpy(a)
+            if a.dtype.name == "bfloat16":  # ml_dtypes: torch takes the bits
+                t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(a)
             if layout == "NHWC" and a.ndim > 2:
                 t = t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
             return t
@@ -331,9 +351,10 @@ def case_roofline(op, x, dy, out, repeat=10, min_time=0.1, timer=None):
     either is a way to move those bytes."""
     timer = timer or best_per_call
     reads, copy = PROBE_PASSES[op]
-    a = x.reshape(-1)
-    b = dy.reshape(-1) if op == "backward" else a[:0]
-    o = out.reshape(-1)
+    # 16-bit storage as its integer kernel view: the same bytes, a type Numba takes.
+    a, dy, out = (storage_view(v, v.dtype.name) for v in (x.reshape(-1), dy.reshape(-1), out.reshape(-1)))
+    b = dy if op == "backward" else a[:0]
+    o = out
     best = float("inf")
     for kernel, chunks in ((_probe_serial, 1), (_probe_parallel, max(1, _numba.get_num_threads()))):
         partial = np.empty(chunks)

@@ -48,16 +48,19 @@ ROOF_FLAG = 1.10
 
 def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, rounds=3,
                progress=_progress, llc_bytes=None):
-    """Measure every (shape, layout, op); yields one dict per case.
+    """Measure every (shape, layout, op) in ``dtype`` (a dtype, or a list of them to compare
+    storage dtypes); yields one dict per case and dtype.
 
     Per shape, every case is prepared (inputs shared by the implementations), then timed
     in ``rounds`` interleaved rounds, keeping each one's best per-call time (batches of
     calls for microsecond cases, see fastbn._timing.best_per_call): a burst of load from
-    other processes then spoils one round, not a case.  The roofline of each case is
-    measured right after fastbn's timing of it, in every round (best kept), over the
-    case's own arrays (same bytes, same cache state; see fastbn.bench.case_roofline).
-    The NumPy reference (slow) is timed in the first round only.
+    other processes then spoils one round, not a case, and with several dtypes not one
+    dtype's timings.  The roofline of each case is measured right after fastbn's timing of
+    it, in every round (best kept), over the case's own arrays (same bytes, same cache
+    state; see fastbn.bench.case_roofline).  The NumPy reference (slow) is timed in the
+    first round only.
     """
+    dtypes = [np.dtype(d) for d in dtype] if isinstance(dtype, (list, tuple)) else [np.dtype(dtype)]
     impls = fbench.available_implementations()
     if not with_reference:
         impls.pop("numpy", None)
@@ -67,13 +70,15 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
     # Count the cases each shape will time, so the progress total is exact.
     timed_first = timed_later = 0
     for shape in shapes:
-        for layout in layouts:
-            for op in ops:
-                for name, cls in impls.items():
-                    if cls().supports(op, layout, shape, dtype):
-                        timed_first += 1
-                        timed_later += name != "numpy"
-    total = progress_total(len(shapes), len(layouts) * len(ops) * len(impls), (timed_first, timed_later), rounds)
+        for each in dtypes:
+            for layout in layouts:
+                for op in ops:
+                    for name, cls in impls.items():
+                        if cls().supports(op, layout, shape, each):
+                            timed_first += 1
+                            timed_later += name != "numpy"
+    total = progress_total(len(shapes), len(dtypes) * len(layouts) * len(ops) * len(impls),
+                           (timed_first, timed_later), rounds)
     done = 0
 
     def step(text):
@@ -84,22 +89,23 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
     for shape in shapes:
         fbench.sharing_inputs(True)
         cases = []
-        for layout in layouts:
-            for op in ops:
-                for name, cls in impls.items():
-                    impl = cls()
-                    step(f"compile {name} {op} {layout} {fbench.shape_label(shape)}")
-                    if impl.supports(op, layout, shape, dtype):
-                        fn = impl.prepare(op, layout, shape, dtype)
-                        fn()
-                        cases.append((layout, op, name, fn))
+        for each in dtypes:
+            for layout in layouts:
+                for op in ops:
+                    for name, cls in impls.items():
+                        impl = cls()
+                        step(f"compile {name} {op} {layout} {fbench.shape_label(shape)} {each.name}")
+                        if impl.supports(op, layout, shape, each):
+                            fn = impl.prepare(op, layout, shape, each)
+                            fn()
+                            cases.append((each, layout, op, name, fn))
         best = {}
         roofs = {}
         for r in range(rounds):
-            for layout, op, name, fn in cases:
+            for each, layout, op, name, fn in cases:
                 if name == "numpy" and r > 0:
                     continue
-                step(f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)}")
+                step(f"round {r + 1}/{rounds} {name} {op} {layout} {fbench.shape_label(shape)} {each.name}")
                 # PyTorch and Numba each keep an OpenMP pool whose idle workers spin for a
                 # while before sleeping; a pause lets the other pool go to sleep first, so
                 # each implementation is timed with the cores to itself, in its default
@@ -109,41 +115,50 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                     t = fbench.best_time(fn, 1 if quick else 3, 0.0, max_time=2.0)
                 else:
                     t = fbench.best_per_call(fn, repeat, min_time)
-                key = (layout, op, name)
+                key = (each, layout, op, name)
                 best[key] = min(best.get(key, float("inf")), t)
                 if name == "fastbn":
                     # The bound right after the case it bounds, over the same arrays: this
                     # machine's bandwidth drifts over a run, and a bound measured at another
                     # moment or on other bytes can read below the kernel it is meant to bound.
-                    x, dy, _, _, _, _ = fbench.shared_inputs(shape, layout, dtype)
-                    out = fbench.shared_output(shape, layout, dtype)
+                    x, dy, _, _, _, _ = fbench.shared_inputs(shape, layout, each)
+                    out = fbench.shared_output(shape, layout, each)
                     roof = fbench.case_roofline(op, x, dy, out, repeat, min_time)
-                    roofs[(layout, op)] = min(roofs.get((layout, op), float("inf")), roof)
+                    roofs[(each, layout, op)] = min(roofs.get((each, layout, op), float("inf")), roof)
         del cases
         fbench.sharing_inputs(False)
-        for layout in layouts:
-            for op in ops:
-                if (layout, op, "fastbn") not in best:
-                    continue
-                row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
-                       "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype),
-                       "footprint_bytes": fbench.footprint_bytes(op, shape, dtype),
-                       "llc_bytes": llc_bytes, "cache": fbench.cache_label(op, shape, dtype, llc_bytes)}
-                for name in impls:
-                    if (layout, op, name) in best:
-                        row[f"{name}_s"] = best[(layout, op, name)]
-                row["roofline_s"] = roofs[(layout, op)]
-                row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
-                row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
-                row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
-                row["roofline_suspect"] = row["roofline_fraction"] > ROOF_FLAG
-                for name in impls:
-                    if name != "fastbn" and f"{name}_s" in row:
-                        row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["fastbn_s"]
-                yield row
+        for each in dtypes:
+            for layout in layouts:
+                for op in ops:
+                    if (each, layout, op, "fastbn") not in best:
+                        continue
+                    yield _row(shape, layout, op, each, llc_bytes, impls,
+                               {name: best[(each, layout, op, name)] for name in impls
+                                if (each, layout, op, name) in best}, roofs[(each, layout, op)])
     progress(total, total, "done")
     if sys.stderr.isatty():
         sys.stderr.write("\n")
+
+
+def _row(shape, layout, op, dtype, llc_bytes, impls, times, roofline_s):
+    """One report row: the case, each implementation's time (``times``: name -> s) and
+    the derived bandwidths and ratios."""
+    row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
+           "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype),
+           "footprint_bytes": fbench.footprint_bytes(op, shape, dtype),
+           "llc_bytes": llc_bytes, "cache": fbench.cache_label(op, shape, dtype, llc_bytes)}
+    for name in impls:
+        if name in times:
+            row[f"{name}_s"] = times[name]
+    row["roofline_s"] = roofline_s
+    row["gbps"] = row["bytes"] / row["fastbn_s"] / 1e9
+    row["roofline_gbps"] = row["bytes"] / row["roofline_s"] / 1e9
+    row["roofline_fraction"] = row["roofline_s"] / row["fastbn_s"]
+    row["roofline_suspect"] = row["roofline_fraction"] > ROOF_FLAG
+    for name in impls:
+        if name != "fastbn" and f"{name}_s" in row:
+            row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["fastbn_s"]
+    return row
 
 
 def time_unit(rows):
@@ -171,6 +186,32 @@ def format_table(rows):
             else:
                 line += f" {'-':>9} {'-':>9}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def format_dtype_table(rows, dtype_names):
+    """fastbn's effective GB/s per storage dtype, side by side, and each dtype's time as a
+    fraction of the first one's (16-bit storage moves half float32's bytes: 0.50 is the
+    bandwidth-bound ideal against float32)."""
+    first = dtype_names[0]
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((tuple(r["shape"]), r["layout"], r["op"]), {})[r["dtype"]] = r
+    header = (f"{'shape':16} {'layout':6} {'op':13}" + "".join(f" {name + ' GB/s':>13}" for name in dtype_names)
+              + "".join(f" {'t ' + name + '/' + first:>18}" for name in dtype_names[1:]))
+    lines = [header, "-" * len(header)]
+    for (shape, layout, op), per_dtype in by_case.items():
+        line = f"{fbench.shape_label(shape):16} {layout:6} {op:13}"
+        for name in dtype_names:
+            line += f" {per_dtype[name]['gbps']:13.1f}" if name in per_dtype else f" {'-':>13}"
+        for name in dtype_names[1:]:
+            if name in per_dtype and first in per_dtype:
+                line += f" {per_dtype[name]['fastbn_s'] / per_dtype[first]['fastbn_s']:18.2f}"
+            else:
+                line += f" {'-':>18}"
+        lines.append(line)
+    lines.append(f"t <dtype>/{first}: fastbn's time in that dtype / its time in {first} (same shape, layout, "
+                 "op); 0.50 is the bandwidth-bound ideal for 16-bit against float32.")
     return "\n".join(lines)
 
 
@@ -264,7 +305,8 @@ def bench_main(args):
 
     if args.threads is not None:
         numba.set_num_threads(args.threads)
-    dtype = np.dtype(args.bench_dtype)
+    dtypes = [fbench.parse_dtype(name) for name in dict.fromkeys(args.bench_dtypes)]
+    dtype = dtypes[0]
     small = args.small or args.shapes == ["small"]
     if args.small:
         shapes = list(fbench.SMALL_SHAPES) + (fbench.parse_shapes(args.shapes) if args.shapes else [])
@@ -278,21 +320,31 @@ def bench_main(args):
     else:
         torch_version = None
     print(f"fastbn {fastbn.__version__}, numba {numba.__version__}, numpy {np.__version__}, "
-          f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, {dtype}, "
-          f"{platform.machine()}")
+          f"torch {torch_version or 'not installed'}; {numba.get_num_threads()} threads, "
+          f"{', '.join(d.name for d in dtypes)}, {platform.machine()}")
+    if (args.step or getattr(args, "op", "batch") != "batch") and len(dtypes) > 1:
+        print("--step and --op other than batch take one --dtype", file=sys.stderr)
+        return 2
     if args.step:
         return step_main(args, dtype)
     if getattr(args, "op", "batch") != "batch":
         from .bench_norms import norms_main
         return norms_main(args, dtype, fbench.parse_shapes, fbench.smoke())
     llc_bytes = fbench.last_level_cache_bytes()
-    rows = list(bench_rows(shapes, args.layouts, ops, dtype, quick=args.quick,
+    rows = list(bench_rows(shapes, args.layouts, ops, dtypes, quick=args.quick,
                            with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
-    print(format_table(rows))
+    for each in dtypes:
+        if len(dtypes) > 1:
+            print(f"\n{each.name}:")
+        print(format_table([r for r in rows if r["dtype"] == each.name]))
     print(table_legend(rows, llc_bytes))
+    if len(dtypes) > 1:
+        print()
+        print(format_dtype_table(rows, [d.name for d in dtypes]))
     if args.json:
         doc = {"fastbn": fastbn.__version__, "numba": numba.__version__, "numpy": np.__version__,
                "torch": torch_version, "threads": numba.get_num_threads(), "dtype": dtype.name,
+               "dtypes": [d.name for d in dtypes],
                "machine": platform.machine(), "processor": platform.processor(), "llc_bytes": llc_bytes,
                "rows": rows}
         if args.json == "-":

@@ -8,18 +8,21 @@ storage     accumulate  statistics  parameters    compute     backends
                         batch_stats) bias, running, arithmetic,
                                     dweight)      coefficients)
 ==========  ==========  ==========  ============  ==========  ===========
-float16     float32     float32     float32       float32     cuda
-bfloat16    float32     float32     float32       float32     cuda
 float32     float64     float64     float32       float32     cpu, cuda
 float64     float64     float64     float64       float64     cpu, cuda
+float16     float32     float32     float32       float32     cpu, cuda
+bfloat16    float32     float32     float32       float32     cpu, cuda
 ==========  ==========  ==========  ============  ==========  ===========
 
 - float32 accumulates in float64 and returns float64 statistics, so offset data
   (x = 1e4 + randn) keeps its variance and the backward pass sees the mean unrounded.
 - 16-bit storage accumulates in float32 (exact enough for 8- to 11-bit mantissas) and
   keeps parameters and statistics in float32, as PyTorch's mixed-precision batch norm.
-  bfloat16 is named by ``ml_dtypes.bfloat16`` arrays (an optional dependency) and by
-  ``torch.bfloat16`` tensors.
+  The CPU kernels widen each value to float32 and accumulate in float64, the float32
+  path's accumulators (one set of reduction kernels; accumulation is not their cost),
+  and return float32 statistics.  bfloat16 is named by ``ml_dtypes.bfloat16`` arrays
+  (an optional dependency) and by ``torch.bfloat16`` tensors; kernels see 16-bit
+  storage through the integer views of :mod:`fastbn.half`.
 - :class:`fastbn.Moments` is float64 for every storage dtype: the merge runs in float64.
 """
 
@@ -42,12 +45,13 @@ class DtypePolicy(NamedTuple):
     backends: tuple
 
 
-#: The policy of every storage dtype fastbn knows, by dtype name.
+#: The policy of every storage dtype fastbn knows, by dtype name (in the order error
+#: messages list the accepted dtypes).
 POLICIES = {
-    "float16": DtypePolicy("float16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cuda",)),
-    "bfloat16": DtypePolicy("bfloat16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cuda",)),
     "float32": DtypePolicy("float32", FLOAT64, FLOAT64, FLOAT32, FLOAT32, ("cpu", "cuda")),
     "float64": DtypePolicy("float64", FLOAT64, FLOAT64, FLOAT64, FLOAT64, ("cpu", "cuda")),
+    "float16": DtypePolicy("float16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu", "cuda")),
+    "bfloat16": DtypePolicy("bfloat16", FLOAT32, FLOAT32, FLOAT32, FLOAT32, ("cpu", "cuda")),
 }
 
 
@@ -90,7 +94,8 @@ def storage_dtypes(backend):
 
 def statistics_dtypes(backend):
     """The dtypes of statistics (``save_mean``, ``save_invstd``) ``backend`` accepts back."""
-    return tuple(dict.fromkeys(policy(d).statistics for d in storage_dtypes(backend)))
+    found = {policy(d).statistics for d in storage_dtypes(backend)}
+    return tuple(sorted(found, key=lambda d: d.itemsize))  # messages list float32 first
 
 
 @functools.lru_cache(maxsize=None)

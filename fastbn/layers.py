@@ -14,7 +14,7 @@ from . import _checks
 from . import distributed
 from . import ghost
 from ._api import batch_norm_backward, batch_norm_forward
-from .dtypes import storage_dtypes
+from .dtypes import policy, storage_dtypes
 
 #: The arrays a layer may hold, in PyTorch's ``state_dict`` order.
 _PARAMETER_NAMES = ("weight", "bias")
@@ -64,8 +64,10 @@ class BatchNorm:
         ``running_var`` (ones) and ``num_batches_tracked`` (0) and eval mode normalizes
         with them; when False all three are None and batch statistics are always used.
     layout : "NCHW" (channels on axis 1) or "NHWC" (channels on the last axis).
-    dtype : float32 or float64; the dtype of the parameters, the running statistics and
-        the inputs the layer accepts.
+    dtype : float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``): the dtype of
+        the inputs the layer accepts, and of its parameters and running statistics,
+        which are float32 for the 16-bit dtypes (``parameter_dtype``, see
+        :mod:`fastbn.dtypes`).
     comm : None, or an ``mpi4py.MPI.Comm`` or ``torch.distributed.ProcessGroup``: in
         training mode the batch statistics then span every rank's batch
         (:mod:`fastbn.distributed`; forward and backward become collectives, a rank may
@@ -80,11 +82,12 @@ class BatchNorm:
 
     Attributes
     ----------
-    weight, bias : (C,) arrays of ``dtype``, or None when ``affine=False``.
-    running_mean, running_var : (C,) arrays of ``dtype``, or None when
+    parameter_dtype : numpy dtype of the arrays below (``dtype``, float32 for 16-bit).
+    weight, bias : (C,) arrays of ``parameter_dtype``, or None when ``affine=False``.
+    running_mean, running_var : (C,) arrays of ``parameter_dtype``, or None when
         ``track_running_stats=False``; updated in place by training forward passes.
     num_batches_tracked : int (None when ``track_running_stats=False``).
-    grad_weight, grad_bias : (C,) arrays of ``dtype`` set by :meth:`backward` (None
+    grad_weight, grad_bias : (C,) arrays of ``parameter_dtype`` set by :meth:`backward` (None
         before it, and always None when ``affine=False``); overwritten, not accumulated.
     training : bool, True after construction and :meth:`train`, False after :meth:`eval`.
 
@@ -102,8 +105,14 @@ class BatchNorm:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
         if momentum is not None:
             momentum = _checks.check_scalar(momentum, "momentum", 0.0, 1.0, low_open=False)
-        if np.dtype(dtype) not in storage_dtypes("cpu"):
-            raise TypeError(f"dtype: expected float32 or float64, got {np.dtype(dtype)}")
+        accepted = storage_dtypes("cpu")
+        try:
+            given = np.dtype(dtype)
+        except TypeError:  # not a dtype NumPy knows (e.g. "bfloat16" without ml_dtypes imported)
+            given = None
+        if given not in accepted:
+            raise TypeError(f"dtype: expected {' or '.join(d.name for d in accepted)}, "
+                            f"got {repr(dtype) if given is None else given}")
         if virtual_batch_size is not None:
             virtual_batch_size = ghost.check_virtual_batch_size(virtual_batch_size)
             if comm is not None:
@@ -117,14 +126,15 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.layout = _checks.check_layout(layout)
         self.dtype = np.dtype(dtype)
+        self.parameter_dtype = policy(self.dtype).parameters
         self.training = True
         self.comm = comm
 
         shape = (self.num_features,)
-        self.weight = np.ones(shape, self.dtype) if self.affine else None
-        self.bias = np.zeros(shape, self.dtype) if self.affine else None
-        self.running_mean = np.zeros(shape, self.dtype) if self.track_running_stats else None
-        self.running_var = np.ones(shape, self.dtype) if self.track_running_stats else None
+        self.weight = np.ones(shape, self.parameter_dtype) if self.affine else None
+        self.bias = np.zeros(shape, self.parameter_dtype) if self.affine else None
+        self.running_mean = np.zeros(shape, self.parameter_dtype) if self.track_running_stats else None
+        self.running_var = np.ones(shape, self.parameter_dtype) if self.track_running_stats else None
         self.num_batches_tracked = 0 if self.track_running_stats else None
         self.grad_weight = None
         self.grad_bias = None
@@ -225,7 +235,7 @@ class BatchNorm:
         dx : array shaped like ``x``, dtype ``self.dtype``.
 
         Sets ``grad_weight = sum(dy * x_hat)`` and ``grad_bias = sum(dy)`` ((C,),
-        ``self.dtype``) when ``affine``.  Differentiates through the batch statistics
+        ``self.parameter_dtype``) when ``affine``.  Differentiates through the batch statistics
         when the forward pass used them (training, or ``track_running_stats=False``),
         else treats the running statistics as constants (frozen batch norm).  May be
         called more than once per forward pass.
@@ -263,7 +273,7 @@ class BatchNorm:
         Returns
         -------
         dict : ``weight``, ``bias`` (when ``affine``), ``running_mean``, ``running_var``
-            ((C,) arrays of ``self.dtype``) and ``num_batches_tracked`` (0-d int64 array)
+            ((C,) arrays of ``self.parameter_dtype``) and ``num_batches_tracked`` (0-d int64 array)
             (when ``track_running_stats``), in that order.
         """
         state = {}
@@ -281,7 +291,7 @@ class BatchNorm:
         ----------
         state_dict : mapping with exactly the keys :meth:`state_dict` returns; (C,)
             real arrays (any array-like NumPy can read, e.g. CPU torch tensors), cast to
-            ``self.dtype``; ``num_batches_tracked`` a non-negative integer (0-d).
+            ``self.parameter_dtype``; ``num_batches_tracked`` a non-negative integer (0-d).
 
         Raises ValueError (missing or unexpected keys, wrong shapes or values) or
         TypeError (non-numeric values) before changing anything.  Values are copied;
@@ -312,7 +322,7 @@ class BatchNorm:
             if value.shape != (self.num_features,):
                 raise ValueError(f"state_dict[{name!r}]: expected shape ({self.num_features},), "
                                  f"got {value.shape}")
-            loaded[name] = value.astype(self.dtype, copy=True)
+            loaded[name] = value.astype(self.parameter_dtype, copy=True)
         if self._is_on_device():
             loaded = self._moved(loaded, _to_device)
         for name, value in loaded.items():

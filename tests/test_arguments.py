@@ -41,7 +41,9 @@ BAD_ARGUMENTS = {
     "x bool": (lambda: F(np.ones((4, 3), bool)), TypeError, ["x:", "float32 or float64", "bool"]),
     "x complex": (lambda: F(np.ones((4, 3), np.complex64)), TypeError, ["x:", "complex64"]),
     "x object": (lambda: F(np.ones((4, 3), object)), TypeError, ["x:", "object"]),
-    "x float16 on CPU": (lambda: F(np.ones((4, 3), np.float16)), TypeError, ["x:", "float32 or float64", "float16"]),
+    # int16 and uint16 are the kernels' views of bfloat16 and float16, never a public dtype.
+    "x int16": (lambda: F(np.ones((4, 3), np.int16)), TypeError, ["x:", "float32 or float64", "int16"]),
+    "x uint16": (lambda: F(np.ones((4, 3), np.uint16)), TypeError, ["x:", "float32 or float64", "uint16"]),
     "x big-endian": (lambda: F(np.ones((4, 3), ">f4")), TypeError, ["x:", ">f4"]),
     "x structured": (lambda: F(np.zeros((4, 3), [("a", "f4")])), TypeError, ["x:", "float32"]),
     "x masked": (lambda: F(np.ma.ones((4, 3), np.float32)), TypeError, ["x:", "masked"]),

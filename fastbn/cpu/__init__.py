@@ -3,11 +3,13 @@
 pipeline's stages that launch them (:mod:`~fastbn.cpu.stages`); small tensors' whole
 passes in one call each (:mod:`~fastbn.cpu.fused`)."""
 
+# First: registers the CPU's float16 conversions, which the kernels compiled below use.
+from .native_half import NATIVE_FLOAT16
 from .stages import (apply, as_dense, backward_apply, backward_coefficients, backward_scale, backward_sums,
                      forward_coefficients, geometry, mean_var, merge_moments, merge_sums, moments, moments_invstd,
                      moments_var, new_output, parameter_gradients)
 from .fused import backward as fused_backward, forward as fused_forward
 
-__all__ = ["apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale", "backward_sums",
-           "forward_coefficients", "fused_backward", "fused_forward", "geometry", "mean_var", "merge_moments",
-           "merge_sums", "moments", "moments_invstd", "moments_var", "new_output", "parameter_gradients"]
+__all__ = ["NATIVE_FLOAT16", "apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale",
+           "backward_sums", "forward_coefficients", "fused_backward", "fused_forward", "geometry", "mean_var",
+           "merge_moments", "merge_sums", "moments", "moments_invstd", "moments_var", "new_output", "parameter_gradients"]

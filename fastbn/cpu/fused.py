@@ -8,8 +8,8 @@ function, in the same order on the same dtypes, so their results are bitwise tho
 the stage-by-stage composition in :mod:`fastbn._api` (tested).
 
 Absent optional vectors (weight, bias, running statistics) are passed as placeholders of
-the right dtype and length (``y`` flattened), read but not used, as in
-:mod:`fastbn.algebra`.
+the parameter dtype and length C (a row of the coefficients scratch), read but not used,
+as in :mod:`fastbn.algebra`.
 """
 
 import numpy as np
@@ -29,16 +29,19 @@ def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, r
     x3, y3: (outer, kept, inner) C-contiguous; weight, bias: (kept,) or placeholders;
     eval_mean, eval_var: the statistics eval normalizes with (may be read-only;
     placeholders in training); running_mean, running_var: updated in training when
-    ``update_running`` (placeholders otherwise); save_mean, save_invstd: (kept,) float64 outputs;
+    ``update_running`` (placeholders otherwise); save_mean, save_invstd: (kept,) outputs in
+    the statistics dtype (the batch mean is kept in float64 until the coefficients are made,
+    as in the stages, whatever that dtype);
     coefficients: (3, kept) scratch in the compute dtype (center, scale, shift);
     residual3, floor: the epilogue of :func:`fastbn.cpu.small.small_apply`.
     """
     center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
     if training:
         count = np.empty(save_mean.size)
+        mean = np.empty(save_mean.size)
         m2 = np.empty(save_mean.size)
-        small.small_moments(x3, count, save_mean, m2)
-        channels.forward_coefficients(count, save_mean, m2, True, weight, bias, use_weight, use_bias, eps, big,
+        small.small_moments(x3, count, mean, m2)
+        channels.forward_coefficients(count, mean, m2, True, weight, bias, use_weight, use_bias, eps, big,
                                       momentum, running_mean, running_var, update_running,
                                       save_mean, save_invstd, center, scale, shift)
     else:
@@ -83,14 +86,15 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     policy = dtypes.policy(dtype)
     target = views.output_target(out, (x,) if residual is None else (x, residual), geom)
     y3 = views.block_view(target, geom)
-    placeholder = y3.reshape(-1)
     saved = np.empty((2, geom.kept), policy.statistics)
+    coefficients = np.empty((3, geom.kept), policy.compute)
+    placeholder = coefficients[0]  # the compute dtype is the parameter dtype (fastbn.dtypes)
     update = training and running_mean is not None
     evaluated = (placeholder, placeholder) if training else (running_mean, running_var)
     updated = (running_mean, running_var) if update else (placeholder, placeholder)
     small_forward(views.block_view(x, geom), _given(weight, placeholder), _given(bias, placeholder),
                   weight is not None, bias is not None, *evaluated, *updated, training, update, momentum, eps,
-                  dtypes.largest(policy.compute), saved[0], saved[1], np.empty((3, geom.kept), policy.compute),
+                  dtypes.largest(policy.compute), saved[0], saved[1], coefficients,
                   None if residual is None else views.block_view(residual, geom),
                   epilogue_floor(activation, policy.compute), y3)
     return views.finish_output(target, out), saved[0], saved[1]

@@ -19,7 +19,7 @@ weight, bias and running statistics tiled per slice, so the algebra stays that o
 
 import numpy as np
 
-from .. import dtypes
+from .. import _checks, dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import PLANES, instance_geometry
 from ..stats import BackwardSums, Moments
@@ -114,6 +114,7 @@ def forward(x, weight, bias, running_mean, running_var, momentum, eps, geom, k, 
     """``(y, save_mean, save_invstd)`` of training batch norm per slice of ``k`` samples;
     statistics float64 (slices, C).  Running statistics get the average over the slices
     of ``(1 - momentum) * r + momentum * slice statistic`` (unbiased slice variances)."""
+    _checks.check_not_16_bit(dtype, "x", "batch norm with virtual_batch_size")
     s = _Slicing(x, geom, k)
     num_c = s.num_channels
     m = _slice_moments(x, s)
@@ -175,6 +176,7 @@ def _slice_sums(dy, x, mean, s):
 def backward(dy, x, save_mean, save_invstd, weight, geom, k, out, dtype):
     """``(dx, dweight, dbias)`` of training batch norm per slice of ``k`` samples, from
     the forward's (slices, C) statistics; dweight and dbias (C,) in the parameter dtype."""
+    _checks.check_not_16_bit(dtype, "x", "batch norm with virtual_batch_size")
     s = _Slicing(x, geom, k)
     num_c = s.num_channels
     mean = np.ascontiguousarray(save_mean, np.float64).ravel()

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .. import dtypes
+from .. import _checks, dtypes
 from ..coefficients import BackwardCoefficients, ForwardCoefficients
 from ..geometry import batch_norm_geometry, instance_geometry, layer_norm_geometry
 from ..stats import Moments
@@ -102,6 +102,7 @@ def group_forward(x, num_groups, weight, bias, eps, running_mean, running_var, m
     """``(y, mean, invstd)`` of group norm (instance norm: ``num_groups == C``), mean and
     invstd float64 (N, G).  With running statistics (instance norm only) they are updated
     as PyTorch does: per (n, c), then averaged over n."""
+    _checks.check_not_16_bit(dtype, "x", "group and instance norm")
     policy = dtypes.policy(dtype)
     view = _PerChannel(x, layout)
     x = view.dense(x)
@@ -132,6 +133,7 @@ def group_forward(x, num_groups, weight, bias, eps, running_mean, running_var, m
 
 def group_backward(dy, x, num_groups, mean, invstd, weight, layout, out, dtype):
     """``(dx, dweight, dbias)`` of group norm; dweight and dbias (C,) in the parameter dtype."""
+    _checks.check_not_16_bit(dtype, "x", "group and instance norm")
     policy = dtypes.policy(dtype)
     view = _PerChannel(x, layout)
     x, dy = view.dense(x), view.dense(dy)
@@ -170,6 +172,7 @@ def _rows(a, geom):
 def layer_forward(x, num_normalized, weight, bias, eps, out, dtype):
     """``(y, mean, invstd)`` of layer norm over the trailing ``num_normalized`` axes; mean
     and invstd float64 of shape ``x.shape[:-num_normalized]``."""
+    _checks.check_not_16_bit(dtype, "x", "layer norm")
     policy = dtypes.policy(dtype)
     geom = layer_norm_geometry(x.shape, x.strides, x.itemsize, num_normalized)
     x = views.as_dense(x, geom)
@@ -188,6 +191,7 @@ def layer_forward(x, num_normalized, weight, bias, eps, out, dtype):
 def layer_backward(dy, x, num_normalized, mean, invstd, weight, out, dtype):
     """``(dx, dweight, dbias)`` of layer norm; dweight and dbias shaped like the normalized
     axes, in the parameter dtype."""
+    _checks.check_not_16_bit(dtype, "x", "layer norm")
     policy = dtypes.policy(dtype)
     geom = layer_norm_geometry(x.shape, x.strides, x.itemsize, num_normalized)
     x, dy = views.as_dense(x, geom), views.as_dense(dy, geom)

@@ -8,6 +8,10 @@ planes (N=1, many pixels) and many small ones both spread over every thread.  It
 covers plane ``i // blocks_per_plane``, values ``[b * block, min((b + 1) * block, S))``
 with ``b = i % blocks_per_plane``; the loops run over slice views with ``range(len)``
 bounds, the shape LLVM vectorizes.
+
+Data arrays are kernel views (:mod:`fastbn.half`): values are loaded with ``widen`` and
+stored with ``narrow``, which are no-ops for float32/float64 and the exact 16-bit
+conversions for float16/bfloat16 storage (then per-channel vectors are float32).
 """
 
 import numpy as np
@@ -15,6 +19,7 @@ from numba import prange
 
 from ._jit import inline_helper, parallel_kernel
 from ..algebra import shifted_moments
+from ..half import narrow, widen
 from .epilogue import masked
 
 
@@ -42,11 +47,11 @@ def planes_moments(x3, block, part_mean, part_m2):
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
-        pivot = np.float64(xs[0])
+        pivot = np.float64(widen(xs[0]))
         s1 = 0.0
         s2 = 0.0
         for i in range(xs.size):
-            d = np.float64(xs[i]) - pivot
+            d = np.float64(widen(xs[i])) - pivot
             s1 += d
             s2 += d * d
         mean, m2 = shifted_moments(pivot, s1, s2, xs.size)
@@ -58,7 +63,7 @@ def planes_moments(x3, block, part_mean, part_m2):
 def planes_apply(x3, residual3, center, scale, shift, floor, block, y3):
     """y3 = max((x3 - center[c]) * scale[c] + shift[c] + residual3, floor) for x3, y3 (N, C, S).
 
-    Vectors (C,) and ``floor`` in x3's dtype; ``floor`` is -inf (no activation) or 0
+    Vectors (C,) and ``floor`` in the compute dtype; ``floor`` is -inf (no activation) or 0
     (ReLU), so the epilogue costs one max per value and NaN stays NaN.  ``residual3`` is
     like x3, or None for no residual (a compile-time choice: None compiles its own
     specialization, without the residual's loop).
@@ -75,10 +80,10 @@ def planes_apply(x3, residual3, center, scale, shift, floor, block, y3):
         if residual3 is not None:
             rs = residual3[n, c, lo:hi]
             for i in range(xs.size):
-                ys[i] = max((xs[i] - m) * a + s + rs[i], floor)
+                ys[i] = narrow(max((widen(xs[i]) - m) * a + s + widen(rs[i]), floor), ys.dtype)
         else:
             for i in range(xs.size):
-                ys[i] = max((xs[i] - m) * a + s, floor)
+                ys[i] = narrow(max((widen(xs[i]) - m) * a + s, floor), ys.dtype)
 
 
 @parallel_kernel
@@ -90,7 +95,7 @@ def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu)
     """
     num_n, num_c, size = x3.shape
     blocks_per_plane = part_sum_dy.shape[0] // num_n
-    zero = np.zeros(1, dy3.dtype)[0]
+    zero = widen(np.zeros(1, dy3.dtype)[0])
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
@@ -101,21 +106,21 @@ def planes_backward_sums(dy3, x3, y3, mean, block, part_sum_dy, part_sum_dy_xmu)
         if y3 is not None:
             ms = y3[n, c, lo:hi]
             for i in range(xs.size):
-                g = np.float64(masked(gs[i], ms[i], zero))
+                g = np.float64(masked(widen(gs[i]), widen(ms[i]), zero))
                 s1 += g
-                s2 += g * (np.float64(xs[i]) - m)
+                s2 += g * (np.float64(widen(xs[i])) - m)
         else:
             for i in range(xs.size):
-                g = np.float64(gs[i])
+                g = np.float64(widen(gs[i]))
                 s1 += g
-                s2 += g * (np.float64(xs[i]) - m)
+                s2 += g * (np.float64(widen(xs[i])) - m)
         part_sum_dy[n * blocks_per_plane + lo // block, c] = s1
         part_sum_dy_xmu[n * blocks_per_plane + lo // block, c] = s2
 
 
 @parallel_kernel
 def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, dx3, g3):
-    """dx3 = g * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in x3's dtype.
+    """dx3 = g * dy_scale[c] + (x3 - center[c]) * x_scale[c] + shift[c]; vectors in the compute dtype.
 
     ``g = dy3``, or masked by ``y3 <= 0`` when ``y3`` is not None (see
     :func:`planes_backward_sums`); ``g3``, when not None (only with ``y3``), receives
@@ -123,7 +128,7 @@ def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, 
     """
     num_n, num_c, size = x3.shape
     blocks_per_plane = (size + block - 1) // block
-    zero = np.zeros(1, dx3.dtype)[0]
+    zero = widen(np.zeros(1, dx3.dtype)[0])
     for item in prange(num_n * num_c * blocks_per_plane):
         n, c, lo, hi = plane_block(item, blocks_per_plane, num_c, block, size)
         xs = x3[n, c, lo:hi]
@@ -137,14 +142,14 @@ def planes_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, block, 
             ms = y3[n, c, lo:hi]
             os = g3[n, c, lo:hi]
             for i in range(xs.size):
-                g = masked(gs[i], ms[i], zero)
-                os[i] = g
-                ds[i] = g * a + (xs[i] - m) * bx + s
+                g = masked(widen(gs[i]), widen(ms[i]), zero)
+                os[i] = narrow(g, os.dtype)
+                ds[i] = narrow(g * a + (widen(xs[i]) - m) * bx + s, ds.dtype)
         elif y3 is not None:
             ms = y3[n, c, lo:hi]
             for i in range(xs.size):
-                g = masked(gs[i], ms[i], zero)
-                ds[i] = g * a + (xs[i] - m) * bx + s
+                g = masked(widen(gs[i]), widen(ms[i]), zero)
+                ds[i] = narrow(g * a + (widen(xs[i]) - m) * bx + s, ds.dtype)
         else:
             for i in range(xs.size):
-                ds[i] = gs[i] * a + (xs[i] - m) * bx + s
+                ds[i] = narrow(widen(gs[i]) * a + (widen(xs[i]) - m) * bx + s, ds.dtype)

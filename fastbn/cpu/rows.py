@@ -16,6 +16,9 @@ and float64 accumulator.  Reductions work on (row chunk, column block) tiles; co
 blocks hold whole channels (``plans`` aligns them), so a tile's sums fold into its own
 channels' per-chunk partials with no race and in a fixed order.  Rows are consumed two
 at a time, which halves the accumulator loads and stores per value.
+
+Data arrays are kernel views: loads through ``widen``, stores through ``narrow``
+(:mod:`fastbn.half`; no-ops for float32/float64).
 """
 
 import numpy as np
@@ -23,6 +26,7 @@ from numba import prange
 
 from ._jit import parallel_kernel
 from ..algebra import shifted_moments
+from ..half import narrow, widen
 from .epilogue import masked
 
 
@@ -53,8 +57,8 @@ def rows_moments(x2, chan, pivot, col_pivot, rows_per_chunk, cols_per_block, par
             xa = x1[start:start + cols]
             xb = x1[start + width:start + width + cols]
             for c in range(cols):
-                da = np.float64(xa[c]) - k[c]
-                db = np.float64(xb[c]) - k[c]
+                da = np.float64(widen(xa[c])) - k[c]
+                db = np.float64(widen(xb[c])) - k[c]
                 s1[c] += da + db
                 s2[c] += da * da + db * db
             r += 2
@@ -62,7 +66,7 @@ def rows_moments(x2, chan, pivot, col_pivot, rows_per_chunk, cols_per_block, par
             start = (r0 + r) * width + c0
             xa = x1[start:start + cols]
             for c in range(cols):
-                da = np.float64(xa[c]) - k[c]
+                da = np.float64(widen(xa[c])) - k[c]
                 s1[c] += da
                 s2[c] += da * da
         ch_lo = chan[c0]
@@ -83,7 +87,7 @@ def rows_moments(x2, chan, pivot, col_pivot, rows_per_chunk, cols_per_block, par
 def rows_apply(x2, residual2, center, scale, shift, floor, rows_per_chunk, y2):
     """y2 = max((x2 - center) * scale + shift + residual2, floor), row by row, for x2, y2 (M, W).
 
-    Vectors (W,) and ``floor`` (-inf or 0: no activation or ReLU) in x2's dtype;
+    Vectors (W,) and ``floor`` (-inf or 0: no activation or ReLU) in the compute dtype;
     ``residual2`` like x2, or None for no residual (compiled without its loop).
     """
     num_rows = x2.shape[0]
@@ -97,10 +101,11 @@ def rows_apply(x2, residual2, center, scale, shift, floor, rows_per_chunk, y2):
             if residual2 is not None:
                 rr = residual2[r0 + r]
                 for c in range(xr.size):
-                    yr[c] = max((xr[c] - center[c]) * scale[c] + shift[c] + rr[c], floor)
+                    yr[c] = narrow(max((widen(xr[c]) - center[c]) * scale[c] + shift[c] + widen(rr[c]), floor),
+                                   yr.dtype)
             else:
                 for c in range(xr.size):
-                    yr[c] = max((xr[c] - center[c]) * scale[c] + shift[c], floor)
+                    yr[c] = narrow(max((widen(xr[c]) - center[c]) * scale[c] + shift[c], floor), yr.dtype)
 
 
 @parallel_kernel
@@ -115,7 +120,7 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
     num_rows, width = x2.shape
     x1 = x2.reshape(num_rows * width)
     g1 = dy2.reshape(num_rows * width)
-    zero = np.zeros(1, dy2.dtype)[0]
+    zero = widen(np.zeros(1, dy2.dtype)[0])
     y1 = x1 if y2 is None else y2.reshape(num_rows * width)  # x1: a placeholder, never read
     num_chunks = part_sum_dy.shape[0]
     num_blocks = (width + cols_per_block - 1) // cols_per_block
@@ -140,10 +145,10 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
                 ya = y1[start:start + cols]
                 yb = y1[start + width:start + width + cols]
                 for c in range(cols):
-                    a = np.float64(masked(ga[c], ya[c], zero))
-                    b = np.float64(masked(gb[c], yb[c], zero))
+                    a = np.float64(masked(widen(ga[c]), widen(ya[c]), zero))
+                    b = np.float64(masked(widen(gb[c]), widen(yb[c]), zero))
                     s1[c] += a + b
-                    s2[c] += a * (np.float64(xa[c]) - m[c]) + b * (np.float64(xb[c]) - m[c])
+                    s2[c] += a * (np.float64(widen(xa[c])) - m[c]) + b * (np.float64(widen(xb[c])) - m[c])
                 r += 2
             if r < rows:
                 start = (r0 + r) * width + c0
@@ -151,9 +156,9 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
                 ga = g1[start:start + cols]
                 ya = y1[start:start + cols]
                 for c in range(cols):
-                    a = np.float64(masked(ga[c], ya[c], zero))
+                    a = np.float64(masked(widen(ga[c]), widen(ya[c]), zero))
                     s1[c] += a
-                    s2[c] += a * (np.float64(xa[c]) - m[c])
+                    s2[c] += a * (np.float64(widen(xa[c])) - m[c])
         else:
             r = 0
             while r + 1 < rows:
@@ -163,19 +168,19 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
                 ga = g1[start:start + cols]
                 gb = g1[start + width:start + width + cols]
                 for c in range(cols):
-                    a = np.float64(ga[c])
-                    b = np.float64(gb[c])
+                    a = np.float64(widen(ga[c]))
+                    b = np.float64(widen(gb[c]))
                     s1[c] += a + b
-                    s2[c] += a * (np.float64(xa[c]) - m[c]) + b * (np.float64(xb[c]) - m[c])
+                    s2[c] += a * (np.float64(widen(xa[c])) - m[c]) + b * (np.float64(widen(xb[c])) - m[c])
                 r += 2
             if r < rows:
                 start = (r0 + r) * width + c0
                 xa = x1[start:start + cols]
                 ga = g1[start:start + cols]
                 for c in range(cols):
-                    a = np.float64(ga[c])
+                    a = np.float64(widen(ga[c]))
                     s1[c] += a
-                    s2[c] += a * (np.float64(xa[c]) - m[c])
+                    s2[c] += a * (np.float64(widen(xa[c])) - m[c])
         ch_lo = chan[c0]
         num_ch = chan[c0 + cols - 1] + 1 - ch_lo
         for ch in range(num_ch):
@@ -188,13 +193,13 @@ def rows_backward_sums(dy2, x2, y2, chan, col_mean, rows_per_chunk, cols_per_blo
 
 @parallel_kernel
 def rows_backward_apply(dy2, x2, y2, center, dy_scale, x_scale, shift, rows_per_chunk, dx2, g2):
-    """dx2 = g * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in x2's dtype.
+    """dx2 = g * dy_scale + (x2 - center) * x_scale + shift, row by row; vectors (W,) in the compute dtype.
 
     ``g = dy2``, or masked by ``y2 <= 0`` when ``y2`` is not None; ``g2``, when not
     None (only with ``y2``), receives ``g`` (the residual's gradient).
     """
     num_rows = x2.shape[0]
-    zero = np.zeros(1, dx2.dtype)[0]
+    zero = widen(np.zeros(1, dx2.dtype)[0])
     for i in prange((num_rows + rows_per_chunk - 1) // rows_per_chunk):
         r0 = i * rows_per_chunk
         xs = x2[r0:min(r0 + rows_per_chunk, num_rows)]
@@ -208,14 +213,15 @@ def rows_backward_apply(dy2, x2, y2, center, dy_scale, x_scale, shift, rows_per_
                 yr = y2[r0 + r]
                 orow = g2[r0 + r]
                 for c in range(xr.size):
-                    g = masked(gr[c], yr[c], zero)
-                    orow[c] = g
-                    dr[c] = g * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+                    g = masked(widen(gr[c]), widen(yr[c]), zero)
+                    orow[c] = narrow(g, orow.dtype)
+                    dr[c] = narrow(g * dy_scale[c] + (widen(xr[c]) - center[c]) * x_scale[c] + shift[c], dr.dtype)
             elif y2 is not None:
                 yr = y2[r0 + r]
                 for c in range(xr.size):
-                    g = masked(gr[c], yr[c], zero)
-                    dr[c] = g * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+                    g = masked(widen(gr[c]), widen(yr[c]), zero)
+                    dr[c] = narrow(g * dy_scale[c] + (widen(xr[c]) - center[c]) * x_scale[c] + shift[c], dr.dtype)
             else:
                 for c in range(xr.size):
-                    dr[c] = gr[c] * dy_scale[c] + (xr[c] - center[c]) * x_scale[c] + shift[c]
+                    dr[c] = narrow(widen(gr[c]) * dy_scale[c] + (widen(xr[c]) - center[c]) * x_scale[c] + shift[c],
+                                   dr.dtype)

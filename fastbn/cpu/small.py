@@ -7,11 +7,14 @@ kernels instead of the planes and rows ones.
 
 Every kernel takes the C-contiguous ``(outer, kept, inner)`` view of
 :mod:`fastbn.geometry`; when ``inner == 1`` (rows) the kept axis is the vector loop.
+Data arrays are kernel views: loads through ``widen``, stores through ``narrow``
+(:mod:`fastbn.half`; no-ops for float32/float64).
 """
 
 import numpy as np
 
 from ..algebra import shifted_moments
+from ..half import narrow, widen
 from .epilogue import masked
 from ._jit import serial_kernel
 
@@ -35,14 +38,14 @@ def small_moments(x3, count, mean, m2):
     pivot = np.empty(kept)
     column_pivot = np.empty(kept * inner)
     for k in range(kept):
-        pivot[k] = x2[0, k * inner]
+        pivot[k] = widen(x2[0, k * inner])
         column_pivot[k * inner:(k + 1) * inner] = pivot[k]
     s1 = np.zeros(kept * inner)
     s2 = np.zeros(kept * inner)
     for o in range(outer):
         row = x2[o]
         for j in range(row.size):
-            d = np.float64(row[j]) - column_pivot[j]
+            d = np.float64(widen(row[j])) - column_pivot[j]
             s1[j] += d
             s2[j] += d * d
     n = outer * inner
@@ -69,12 +72,13 @@ def small_apply(x3, residual3, center, scale, shift, floor, y3):
             for o in range(outer):
                 xr, yr, rr = x2[o], y2[o], r2[o]
                 for k in range(kept):
-                    yr[k] = max((xr[k] - center[k]) * scale[k] + shift[k] + rr[k], floor)
+                    yr[k] = narrow(max((widen(xr[k]) - center[k]) * scale[k] + shift[k] + widen(rr[k]), floor),
+                                   yr.dtype)
         else:
             for o in range(outer):
                 xr, yr = x2[o], y2[o]
                 for k in range(kept):
-                    yr[k] = max((xr[k] - center[k]) * scale[k] + shift[k], floor)
+                    yr[k] = narrow(max((widen(xr[k]) - center[k]) * scale[k] + shift[k], floor), yr.dtype)
         return
     for o in range(outer):
         for k in range(kept):
@@ -86,10 +90,10 @@ def small_apply(x3, residual3, center, scale, shift, floor, y3):
             if residual3 is not None:
                 rs = residual3[o, k]
                 for i in range(inner):
-                    ys[i] = max((xs[i] - m) * a + s + rs[i], floor)
+                    ys[i] = narrow(max((widen(xs[i]) - m) * a + s + widen(rs[i]), floor), ys.dtype)
             else:
                 for i in range(inner):
-                    ys[i] = max((xs[i] - m) * a + s, floor)
+                    ys[i] = narrow(max((widen(xs[i]) - m) * a + s, floor), ys.dtype)
 
 
 @serial_kernel
@@ -98,7 +102,7 @@ def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
     ``g = dy3``, or 0 where ``y3 <= 0`` (ReLU mask) when ``y3`` is not None.  Column sums
     folded per kept index, as :func:`small_moments`."""
     outer, kept, inner = x3.shape
-    zero = np.zeros(1, dy3.dtype)[0]
+    zero = widen(np.zeros(1, dy3.dtype)[0])
     cols = kept * inner
     x2 = x3.reshape(outer, cols)
     g2 = dy3.reshape(outer, cols)
@@ -112,16 +116,16 @@ def small_backward_sums(dy3, x3, y3, mean, count, sum_dy, sum_dy_xmu):
         for o in range(outer):
             xr, gr, yr = x2[o], g2[o], y2[o]
             for j in range(cols):
-                g = np.float64(masked(gr[j], yr[j], zero))
+                g = np.float64(masked(widen(gr[j]), widen(yr[j]), zero))
                 s1[j] += g
-                s2[j] += g * (np.float64(xr[j]) - column_mean[j])
+                s2[j] += g * (np.float64(widen(xr[j])) - column_mean[j])
     else:
         for o in range(outer):
             xr, gr = x2[o], g2[o]
             for j in range(cols):
-                g = np.float64(gr[j])
+                g = np.float64(widen(gr[j]))
                 s1[j] += g
-                s2[j] += g * (np.float64(xr[j]) - column_mean[j])
+                s2[j] += g * (np.float64(widen(xr[j])) - column_mean[j])
     for k in range(kept):
         a = 0.0
         b = 0.0
@@ -139,7 +143,7 @@ def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3)
     0 where ``y3 <= 0`` when ``y3`` is not None; ``g3``, when not None (only with ``y3``),
     receives ``g``.  Rows (``inner == 1``) run as C-contiguous (outer, kept) rows."""
     outer, kept, inner = x3.shape
-    zero = np.zeros(1, dx3.dtype)[0]
+    zero = widen(np.zeros(1, dx3.dtype)[0])
     if inner == 1:
         x2 = x3.reshape(outer, kept)
         g2 = dy3.reshape(outer, kept)
@@ -150,21 +154,22 @@ def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3)
             for o in range(outer):
                 xr, gr, dr, yr, orow = x2[o], g2[o], d2[o], y2[o], o2[o]
                 for k in range(kept):
-                    g = masked(gr[k], yr[k], zero)
-                    orow[k] = g
-                    dr[k] = g * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
+                    g = masked(widen(gr[k]), widen(yr[k]), zero)
+                    orow[k] = narrow(g, orow.dtype)
+                    dr[k] = narrow(g * dy_scale[k] + (widen(xr[k]) - center[k]) * x_scale[k] + shift[k], dr.dtype)
         elif y3 is not None:
             y2 = y3.reshape(outer, kept)
             for o in range(outer):
                 xr, gr, dr, yr = x2[o], g2[o], d2[o], y2[o]
                 for k in range(kept):
-                    g = masked(gr[k], yr[k], zero)
-                    dr[k] = g * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
+                    g = masked(widen(gr[k]), widen(yr[k]), zero)
+                    dr[k] = narrow(g * dy_scale[k] + (widen(xr[k]) - center[k]) * x_scale[k] + shift[k], dr.dtype)
         else:
             for o in range(outer):
                 xr, gr, dr = x2[o], g2[o], d2[o]
                 for k in range(kept):
-                    dr[k] = gr[k] * dy_scale[k] + (xr[k] - center[k]) * x_scale[k] + shift[k]
+                    dr[k] = narrow(widen(gr[k]) * dy_scale[k] + (widen(xr[k]) - center[k]) * x_scale[k] + shift[k],
+                                   dr.dtype)
         return
     for o in range(outer):
         for k in range(kept):
@@ -179,14 +184,14 @@ def small_backward_apply(dy3, x3, y3, center, dy_scale, x_scale, shift, dx3, g3)
                 ms = y3[o, k]
                 os = g3[o, k]
                 for i in range(inner):
-                    g = masked(gs[i], ms[i], zero)
-                    os[i] = g
-                    ds[i] = g * a + (xs[i] - m) * bx + s
+                    g = masked(widen(gs[i]), widen(ms[i]), zero)
+                    os[i] = narrow(g, os.dtype)
+                    ds[i] = narrow(g * a + (widen(xs[i]) - m) * bx + s, ds.dtype)
             elif y3 is not None:
                 ms = y3[o, k]
                 for i in range(inner):
-                    g = masked(gs[i], ms[i], zero)
-                    ds[i] = g * a + (xs[i] - m) * bx + s
+                    g = masked(widen(gs[i]), widen(ms[i]), zero)
+                    ds[i] = narrow(g * a + (widen(xs[i]) - m) * bx + s, ds.dtype)
             else:
                 for i in range(inner):
-                    ds[i] = gs[i] * a + (xs[i] - m) * bx + s
+                    ds[i] = narrow(widen(gs[i]) * a + (widen(xs[i]) - m) * bx + s, ds.dtype)

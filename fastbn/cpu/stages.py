@@ -51,7 +51,7 @@ def moments(x, geom):
         part_mean, part_m2 = np.empty(shape), np.empty(shape)
         planes_moments(xv, plans.PLANE_BLOCK, part_mean, part_m2)
     else:
-        pivot = plans.channel_pivot(xv)
+        pivot = plans.channel_pivot(views.storage_values(xv, x.dtype))
         all_counts, all_means, all_m2 = [], [], []
         for (piece,), expand in plans.row_pieces(xv):
             chan = expand(np.arange(num_channels))
@@ -87,8 +87,10 @@ def moments_var(m):
 
 def mean_var(m, dtype):
     """``(mean, population var)`` of :class:`Moments` ``m`` in the statistics dtype of
-    inputs of ``dtype`` (float64 for every CPU dtype)."""
-    return m.mean, moments_var(m)
+    inputs of ``dtype`` (float64; float32 for 16-bit storage)."""
+    statistics = dtypes.policy(dtype).statistics
+    return (np.asarray(m.mean).astype(statistics, copy=False),
+            moments_var(m).astype(statistics, copy=False))
 
 
 @np.errstate(all="ignore")

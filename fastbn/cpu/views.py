@@ -3,6 +3,11 @@
 Planes kernels take the C-contiguous 3-D view ``(outer, kept, inner)``, row kernels the
 2-D ``(outer, kept)`` one.  Outputs are allocated in the memory order the kernels run in
 and handed back with the input's logical shape.
+
+The kernels see 16-bit storage (float16, bfloat16) through the integer views of
+:func:`fastbn.half.storage_view`: this module is where every data array becomes a
+kernel view, so it is the one place that makes them.  Everything else on the host side
+(outputs, ``out``, copies) stays in the caller's storage dtype.
 """
 
 import functools
@@ -10,6 +15,7 @@ import functools
 import numpy as np
 
 from ..geometry import PLANES, is_dense_in
+from ..half import storage_view
 
 
 def _in_kernel_order(a, geometry):
@@ -33,7 +39,7 @@ def _inverse(axes):
 
 def kernel_view(a, geometry):
     """``a`` (logical shape) as the C-contiguous view the kernels take, copied if not dense."""
-    ordered = np.ascontiguousarray(_in_kernel_order(a, geometry))
+    ordered = _as_kernel_dtype(np.ascontiguousarray(_in_kernel_order(a, geometry)))
     if geometry.family == PLANES:
         return ordered.reshape(geometry.view_shape)
     return ordered.reshape(geometry.outer, geometry.kept)
@@ -41,7 +47,23 @@ def kernel_view(a, geometry):
 
 def block_view(a, geometry):
     """``a`` as the C-contiguous 3-D ``(outer, kept, inner)`` view, copied if not dense."""
-    return np.ascontiguousarray(_in_kernel_order(a, geometry)).reshape(geometry.view_shape)
+    return _as_kernel_dtype(np.ascontiguousarray(_in_kernel_order(a, geometry))).reshape(geometry.view_shape)
+
+
+def _as_kernel_dtype(a):
+    """``a`` as the kernels type it: 16-bit float storage as its integer view."""
+    return storage_view(a, _storage_name(a.dtype)) if a.itemsize == 2 else a
+
+
+@functools.lru_cache(maxsize=None)
+def _storage_name(dtype):
+    # NumPy computes a dtype's name on every access (several us): small calls notice.
+    return dtype.name
+
+
+def storage_values(view, dtype):
+    """A kernel view seen again as storage ``dtype`` (its values, for host-side NumPy)."""
+    return view if view.dtype == dtype else view.view(dtype)
 
 
 def as_dense(a, geometry):

@@ -19,11 +19,16 @@ tensor is, seen as NCHW, a channel-last array: fastbn runs its NHWC kernels on i
 without a copy and returns ``y`` and ``dx`` in the same memory format.  CUDA tensors go
 to fastbn's CUDA backend as numba device-array views (``__cuda_array_interface__``, no
 copy); results come back as torch tensors on the same device (``torch.as_tensor``).
-Other devices raise TypeError.  Supported dtypes are fastbn's: float32 and float64 on
-the CPU (others raise TypeError), plus a STOPGAP for float16/bfloat16 CPU input (also
-with float32 parameters and under CPU ``torch.autocast``): it is upcast to float32
-around the kernels and the output rounded back, which costs a float32 copy instead of
-saving bandwidth, until fastbn's CPU kernels take 16-bit storage.
+Other devices raise TypeError.  Supported dtypes are fastbn's: float32, float64 and
+float16, and bfloat16 on the CPU (others raise TypeError).  16-bit tensors go to the
+kernels as 16-bit NumPy views, no copy (float16 as ``numpy.float16``, bfloat16 as
+``ml_dtypes.bfloat16`` through its ``int16`` view: bfloat16 CPU tensors need
+``ml_dtypes`` installed), and are computed in float32 with float32 statistics, as
+torch's mixed-precision batch norm: float32 weight, bias and running statistics with
+16-bit input (what CPU ``torch.autocast(device_type="cpu", dtype=torch.bfloat16)``
+gives a model), or 16-bit ones (``model.half()``/``model.bfloat16()``), which the
+modules pass as float32 copies (C values each).  ``y`` and ``dx`` are 16-bit, rounded
+once from float32; ``dweight`` and ``dbias`` are float32 from the operators.
 
 Operators and derivatives.  Forward and backward are PyTorch operators,
 ``torch.ops.fastbn.batch_norm`` and ``torch.ops.fastbn.batch_norm_backward``, both run

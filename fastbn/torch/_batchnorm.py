@@ -5,16 +5,12 @@ import torch
 from . import _norms, _ops
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _upcast(tensors):
-    """STOPGAP for float16/bfloat16 CPU input until fastbn's CPU kernels take 16-bit
-    storage: float32 copies (differentiable casts; float32 tensors pass as they are),
-    so the kernels run in float32 and only the output is rounded back.  It costs a
-    float32 copy of the input (and of dy in backward), i.e. none of the bandwidth a
-    16-bit path would save."""
-    return tuple(None if t is None else t.float() for t in tensors)
+def _as_parameter_dtype(vectors, dtype):
+    """Per-channel tensors (weight, bias, running statistics) in ``dtype``: themselves
+    when they have it, else differentiable (C,) copies.  A module converted whole to a
+    16-bit dtype (``model.half()``) has 16-bit parameters, which fastbn takes in float32
+    with 16-bit input (as torch's mixed-precision batch norm computes them)."""
+    return tuple(v if v is None or v.dtype == dtype else v.to(dtype) for v in vectors)
 
 
 class _FastBatchNormMixin:
@@ -28,7 +24,8 @@ class _FastBatchNormMixin:
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Batch-normalize ``input`` ((N, C, ...) float32/float64 tensor, CPU or CUDA).
+        """Batch-normalize ``input`` ((N, C, ...) float32/float64 tensor, CPU or CUDA, or
+        float16/bfloat16 (CPU; float16 on CUDA) with float32 or 16-bit parameters).
 
         Returns a tensor shaped like ``input`` in its dtype and memory format.  An empty
         input (N = 0) gives an empty output and leaves the running statistics as they
@@ -53,17 +50,16 @@ class _FastBatchNormMixin:
             use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
             pass_running = not self.training or self.track_running_stats
             running = (self.running_mean, self.running_var) if pass_running else (None, None)
-            tensors = (input, self.weight, self.bias) + running
-            half = input.device.type == "cpu" and input.dtype in _HALF
+            vectors = (self.weight, self.bias) + running
+            half = input.dtype in _ops.HALF_DTYPES
             if half:
-                tensors = _upcast(tensors)
-            y, _, _ = _ops.batch_norm(*tensors, use_batch_stats, momentum, self.eps, batches)
+                vectors = _as_parameter_dtype(vectors, _ops.parameter_dtype(input))
+            y, _, _ = _ops.batch_norm(input, *vectors, use_batch_stats, momentum, self.eps, batches)
             if half:
-                y = y.to(input.dtype)
-                with torch.no_grad():
-                    for buffer, upcast in zip(running, tensors[3:]):
-                        if buffer is not None and upcast is not buffer:
-                            buffer.copy_(upcast)
+                with torch.no_grad():  # 16-bit running statistics were updated as float32 copies
+                    for buffer, updated in zip(running, vectors[2:]):
+                        if buffer is not None and updated is not buffer:
+                            buffer.copy_(updated)
         if count_batch:
             self.num_batches_tracked.add_(1)
         return y

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from .._api import batch_norm_backward, batch_norm_forward
-from ._ops_autograd import (BatchNormFunction, _backward_backward, _backward_setup_context,
-                            _forward_backward, _forward_setup_context, _needs_function)
+from ._ops_autograd import (HALF_DTYPES, BatchNormFunction, _backward_backward, _backward_setup_context,
+                            _forward_backward, _forward_setup_context, _needs_function, parameter_dtype)
 
 
 class FastbnValueError(ValueError, RuntimeError):
@@ -49,10 +49,23 @@ def _reraise_as_torch(error):
     return cls(*error.args)
 
 
+def _bfloat16_numpy():
+    """``ml_dtypes.bfloat16``, NumPy's name for torch.bfloat16 (an optional dependency)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("x: expected float32, float64 or float16 CPU tensors, or bfloat16 with ml_dtypes "
+                        "installed (pip install ml_dtypes: NumPy names bfloat16 through it), got "
+                        "torch.bfloat16 without ml_dtypes") from None
+    return ml_dtypes.bfloat16
+
+
 def _as_fastbn_array(tensor):
     """A tensor as the array fastbn's public functions take (None passes through).
 
-    CPU: a NumPy view of the same memory.  CUDA: a numba device-array view of the same
+    CPU: a NumPy view of the same memory; bfloat16 tensors as ``ml_dtypes.bfloat16``
+    arrays, through their 16-bit integer view (NumPy has no bfloat16, so
+    ``tensor.numpy()`` refuses them).  CUDA: a numba device-array view of the same
     memory through ``__cuda_array_interface__`` (refused by a tensor that requires grad,
     hence ``detach``).
     """
@@ -60,6 +73,8 @@ def _as_fastbn_array(tensor):
         return None
     tensor = tensor.detach()
     if tensor.device.type == "cpu":
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy().view(_bfloat16_numpy())
         return tensor.numpy()
     if tensor.device.type != "cuda":
         raise TypeError(f"fastbn.torch: expected a CPU or CUDA tensor, got one on {tensor.device}")
@@ -73,6 +88,10 @@ def _as_tensor(array, device):
     if isinstance(array, torch.Tensor):
         return array
     if isinstance(array, np.ndarray):
+        # An ml_dtypes bfloat16 array, which torch.from_numpy refuses (itemsize first:
+        # NumPy computes a dtype's name on every access, several us).
+        if array.itemsize == 2 and array.dtype.name == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
     return torch.as_tensor(array, device=device)  # any __cuda_array_interface__ object
 
@@ -87,8 +106,8 @@ def _like(result, x):
 
 
 def _statistics_dtype(x):
-    """dtype of fastbn's saved statistics: float64, float32 for float16 input."""
-    return torch.float32 if x.dtype == torch.float16 else torch.float64
+    """dtype of fastbn's saved statistics: float64, float32 for float16/bfloat16 input."""
+    return torch.float32 if x.dtype in HALF_DTYPES else torch.float64
 
 
 # --------------------------------------------------------------------------- forward op
@@ -170,7 +189,8 @@ def batch_norm_backward_op(dy: Tensor, x: Tensor, save_mean: Tensor, save_invstd
 @batch_norm_backward_op.register_fake
 def _batch_norm_backward_fake(dy, x, save_mean, save_invstd, weight, training):
     channels = x.shape[1]
-    return torch.empty_like(x), x.new_empty((channels,)), x.new_empty((channels,))
+    dtype = parameter_dtype(x)
+    return torch.empty_like(x), x.new_empty((channels,), dtype=dtype), x.new_empty((channels,), dtype=dtype)
 
 
 batch_norm_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)

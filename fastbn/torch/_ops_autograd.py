@@ -21,6 +21,16 @@ import torch
 
 # --------------------------------------------------------------------------- helpers
 
+#: 16-bit storage dtypes: float32 statistics, parameters and parameter gradients (fastbn.dtypes).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def parameter_dtype(x):
+    """dtype of weight, bias, running statistics and their gradients for input ``x``:
+    x's own, float32 for float16/bfloat16 input (mixed precision, as torch)."""
+    return torch.float32 if x.dtype in HALF_DTYPES else x.dtype
+
+
 
 def _geometry(x):
     """(broadcast shape of a per-channel vector, reduction dims, values per channel)."""
@@ -126,7 +136,7 @@ def _backward_backward(ctx, grad_dx, grad_dweight, grad_dbias):
 
     return (None if g_dy is None else g_dy.expand(x.shape), None if g_x is None else g_x.expand(x.shape),
             vector(g_mu, mean.dtype), vector(g_s, invstd.dtype),
-            vector(g_w, x.dtype) if weight is not None else None, None)
+            vector(g_w, weight.dtype) if weight is not None else None, None)
 
 
 # --------------------------------------------------------------------------- torch.func, forward AD
@@ -259,8 +269,9 @@ class BackwardFunction(torch.autograd.Function):
         t_dx = (t_w * s + w * t_s) * a + w * s * t_a
         channels = x.shape[1]
         t_dweight = t_s * sum_dy_d + s * t_sum_dy_d
-        return (t_dx.expand(x.shape).to(x.dtype), t_dweight.reshape(channels).to(x.dtype),
-                t_sum_dy.reshape(channels).to(x.dtype))
+        grads = parameter_dtype(x)
+        return (t_dx.expand(x.shape).to(x.dtype), t_dweight.reshape(channels).to(grads),
+                t_sum_dy.reshape(channels).to(grads))
 
 
 def _needs_function(tensors):
