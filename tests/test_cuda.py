@@ -42,7 +42,11 @@ _IN_PROCESS = _cuda_runs_in_this_process()
 def test_cuda_backend_on_the_simulator():
     text = SIMULATOR_RUN.output("simulator")
     last_line = text.strip().splitlines()[-1]
-    assert " passed" in last_line and " skipped" not in last_line, text
+    assert " passed" in last_line, text
+    # Only tests that need a real GPU (torch CUDA tensors) may skip on the simulator: any
+    # other skip would hide a backend test behind a missing dependency.
+    skips = [line for line in text.splitlines() if line.startswith("SKIPPED")]
+    assert all(line.endswith("need a real GPU") for line in skips), text
 
 
 def test_host_calls_never_import_cuda():
