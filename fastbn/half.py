@@ -37,38 +37,39 @@ from numba import types
 from numba.extending import intrinsic, overload, register_jitable
 
 
-def float32_from_bits(bits):
-    """The float32 whose IEEE bit pattern is the uint32 ``bits``."""
-    return np.uint32(bits).view(np.float32)
+def _bit_casts(float_type, int_type):
+    """``(from_bits, bits_of)``: reinterpret an IEEE value of ``float_type`` as the unsigned
+    ``int_type`` of its width and back (numba types), jitted for every target through one
+    LLVM bit cast each, and NumPy views as plain Python (the CUDA simulator's path)."""
+    np_float, np_int = np.dtype(str(float_type)).type, np.dtype(str(int_type)).type
+
+    def from_bits(bits):
+        return np_int(bits).view(np_float)
+
+    def bits_of(value):
+        return np_float(value).view(np_int)
+
+    @intrinsic
+    def to_float(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(float_type))
+        return float_type(int_type), codegen
+
+    @intrinsic
+    def to_int(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(int_type.bitwidth))
+        return int_type(float_type), codegen
+
+    overload(from_bits, target="generic")(lambda bits: lambda bits: to_float(int_type(bits)))
+    overload(bits_of, target="generic")(lambda value: lambda value: to_int(float_type(value)))
+    return from_bits, bits_of
 
 
-def bits_of_float32(value):
-    """The IEEE bit pattern (uint32) of float32 ``value``."""
-    return np.float32(value).view(np.uint32)
-
-
-@intrinsic
-def _bitcast_to_float32(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def _bitcast_to_uint32(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(types.float32), codegen
-
-
-@overload(float32_from_bits, target="generic")
-def _float32_from_bits(bits):
-    return lambda bits: _bitcast_to_float32(numba.uint32(bits))
-
-
-@overload(bits_of_float32, target="generic")
-def _bits_of_float32(value):
-    return lambda value: _bitcast_to_uint32(numba.float32(value))
+#: float32 <-> its IEEE bit pattern (uint32).
+float32_from_bits, bits_of_float32 = _bit_casts(types.float32, types.uint32)
+#: float16 <-> its IEEE bit pattern (uint16): for targets that type float16 (CUDA).
+float16_from_bits, bits_of_float16 = _bit_casts(types.float16, types.uint16)
 
 
 #: float32 exponent bias minus float16's (127 - 15), shifted into the exponent field.

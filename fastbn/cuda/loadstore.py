@@ -30,11 +30,9 @@ import functools
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import cuda, types
-from numba.extending import intrinsic, overload
 
-from ..half import narrow, widen
+from ..half import bits_of_float16, float16_from_bits, narrow, widen
 from .plans import UNROLL
 
 #: One compiled form of the elementwise kernels: ``paired`` (16-bit values two per
@@ -96,40 +94,6 @@ def walkers(wide_index):
         return c if c < num_channels else index(0)
 
     return index, cursor, advance, next_channel
-
-
-def float16_from_bits(bits):
-    """The float16 whose bit pattern is the uint16 ``bits``."""
-    return np.uint16(bits).view(np.float16)
-
-
-def bits_of_float16(value):
-    """The bit pattern (uint16) of float16 ``value``."""
-    return np.float16(value).view(np.uint16)
-
-
-@intrinsic
-def _bitcast_to_float16(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float16))
-    return types.float16(types.uint16), codegen
-
-
-@intrinsic
-def _bitcast_to_uint16(typingctx, value):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(16))
-    return types.uint16(types.float16), codegen
-
-
-@overload(float16_from_bits, target="generic")
-def _float16_from_bits(bits):
-    return lambda bits: _bitcast_to_float16(np.uint16(bits))
-
-
-@overload(bits_of_float16, target="generic")
-def _bits_of_float16(value):
-    return lambda value: _bitcast_to_uint16(types.float16(value))
 
 
 @functools.cache
