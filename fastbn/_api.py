@@ -37,7 +37,7 @@ Contract shared by every public function (see also each docstring):
 
 import numpy as np
 
-from . import _checks, _epilogue, dtypes
+from . import _call_plans, _checks, _epilogue, dtypes
 from ._dispatch import select_backend
 
 
@@ -65,6 +65,19 @@ def _empty_batch_forward(b, x, num_channels, weight, bias, running_mean, running
     coefficients = b.forward_coefficients(
         None, running_mean, running_var, False, weight, bias, float(eps), None, None, 0.0, False, dtype)
     return y, coefficients.mean, coefficients.invstd
+
+
+def _new_plan(b, kind, key, geometry, dtype, training):
+    """The backend's plan (``kind``: "forward_plan" or "backward_plan") for a checked call
+    of structure ``key``, stored for the next calls of that structure (see
+    :mod:`fastbn._call_plans`); None when the call has no key or the backend no such plan."""
+    make = getattr(b, kind, None)
+    if key is None or make is None or not geometry.dense:
+        return None
+    plan = make(geometry, dtype, training)
+    if plan is not None:
+        _call_plans.store(key, plan)
+    return plan
 
 
 def _no_statistics(num_channels, dtype):
@@ -170,6 +183,13 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
         if training is True or training is np.True_:
             return ghost.forward(x, weight, bias, running_mean, running_var, momentum, eps, layout, out,
                                  activation, residual, k)
+    plan_key = None
+    if out is None and activation is None and residual is None and virtual_batch_size is None:
+        plan_key = _call_plans.forward_key(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                           layout)
+        plan = _call_plans.lookup(plan_key, *((running_mean, running_var) if training else ()))
+        if plan is not None:
+            return plan(x, weight, bias, running_mean, running_var, momentum, eps)
     backend = select_backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
                               "running_var": running_var, "out": out, "residual": residual})
     num_channels = _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum,
@@ -186,6 +206,9 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
                                     out, dtype)
     geometry = b.geometry(x, layout)
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
+    plan = _new_plan(b, "forward_plan", plan_key, geometry, dtype, bool(training))
+    if plan is not None:
+        return plan(x, weight, bias, running_mean, running_var, float(momentum), float(eps))
     # The stages below in fewer launches (CUDA) or one call (small CPU tensors); None: not here.
     fused = getattr(b, "fused_forward", None)
     if fused is not None:
@@ -258,6 +281,12 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         k = ghost.check_virtual_batch_size(virtual_batch_size)
         if training is True or training is np.True_:
             return ghost.backward(dy, x, save_mean, save_invstd, weight, layout, out, activation, y, residual, k)
+    plan_key = None
+    if out is None and activation is None and y is None and residual is False and virtual_batch_size is None:
+        plan_key = _call_plans.backward_key(dy, x, save_mean, save_invstd, weight, training, layout)
+        plan = _call_plans.lookup(plan_key)
+        if plan is not None:
+            return plan(dy, x, save_mean, save_invstd, weight)
     backend = select_backend({"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd,
                               "weight": weight, "out": out, "y": y})
     num_channels = _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
@@ -276,7 +305,11 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         return (*grads, np.empty(x.shape, dtype) if activation else dy) if residual else grads
     b = backend.module
     geometry = b.geometry(x, layout)
+    same_order = dy.strides == x.strides  # then dy is dense exactly when x is
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
+    plan = _new_plan(b, "backward_plan", plan_key if same_order else None, geometry, dtype, bool(training))
+    if plan is not None:
+        return plan(dy, x, save_mean, save_invstd, weight)
     if y is not None:
         return _masked_backward(b, dy, x, y, save_mean, save_invstd, weight, bool(training), geometry, out,
                                 dtype, residual)

@@ -76,44 +76,102 @@ def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training
         small.small_apply(dy3, None, center, dy_scale, shift, floor, dx3)
 
 
+class SmallForward:
+    """:func:`fastbn.batch_norm_forward` of a small tensor of one geometry and dtype, set up
+    once: calling it with arrays of that structure (``x`` dense in ``geom``'s order) runs
+    the whole pass in one compiled call.  Immutable, so one plan serves concurrent calls."""
+
+    def __init__(self, geom, dtype, training, activation=None):
+        policy = dtypes.policy(dtype)
+        self.views = views.KernelViews(geom, dtype)
+        self.training = training
+        self.statistics = policy.statistics
+        self.compute = policy.compute
+        self.big = dtypes.largest(policy.compute)
+        self.floor = epilogue_floor(activation, policy.compute)
+
+    def __call__(self, x, weight, bias, running_mean, running_var, momentum, eps, out=None, residual=None):
+        """``(y, save_mean, save_invstd)``; ``out``, ``residual`` as in batch_norm_forward."""
+        kv = self.views
+        if out is None:
+            y, y3 = kv.new_output()
+        else:
+            y = views.output_target(out, (x,) if residual is None else (x, residual), kv.geometry)
+            y3 = kv.view(y)
+        kept = kv.geometry.kept
+        saved = np.empty((2, kept), self.statistics)
+        coefficients = np.empty((3, kept), self.compute)
+        placeholder = coefficients[0]  # the compute dtype is the parameter dtype (fastbn.dtypes)
+        training = self.training
+        update = training and running_mean is not None
+        evaluated = (placeholder, placeholder) if training else (running_mean, running_var)
+        updated = (running_mean, running_var) if update else (placeholder, placeholder)
+        small_forward(kv.view(x), placeholder if weight is None else weight, placeholder if bias is None else bias,
+                      weight is not None, bias is not None, *evaluated, *updated, training, update, momentum, eps,
+                      self.big, saved[0], saved[1], coefficients, None if residual is None else kv.view(residual),
+                      self.floor, y3)
+        return views.finish_output(y, out), saved[0], saved[1]
+
+
+class SmallBackward:
+    """:func:`fastbn.batch_norm_backward` of a small tensor of one geometry and dtype in
+    one compiled call (as :class:`SmallForward`)."""
+
+    def __init__(self, geom, dtype, training):
+        policy = dtypes.policy(dtype)
+        self.views = views.KernelViews(geom, dtype)
+        self.training = training
+        self.parameters = policy.parameters
+        self.compute = policy.compute
+        self.big = dtypes.largest(policy.compute)
+        self.floor = epilogue_floor(None, policy.compute)
+
+    def __call__(self, dy, x, save_mean, save_invstd, weight, out=None):
+        """``(dx, dweight, dbias)``; ``out`` as in batch_norm_backward."""
+        kv = self.views
+        if out is None:
+            dx, dx3 = kv.new_output()
+        else:
+            dx = views.output_target(out, (dy, x), kv.geometry)
+            dx3 = kv.view(dx)
+        kept = kv.geometry.kept
+        grads = np.empty((2, kept), self.parameters)
+        small_backward(kv.view(dy), kv.view(x), save_mean, save_invstd, grads[0] if weight is None else weight,
+                       weight is not None, self.training, self.big, grads, np.empty((4, kept), self.compute),
+                       self.floor, dx3)
+        return views.finish_output(dx, out), grads[0], grads[1]
+
+
+def is_small(geom):
+    """True when a tensor of ``geom`` runs the one-call passes (at most ``SMALL_SIZE`` values)."""
+    return geom.outer * geom.kept * geom.inner <= small.SMALL_SIZE
+
+
 def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, geom, out, dtype,
             residual=None, activation=None):
     """``(y, save_mean, save_invstd)`` of :func:`fastbn.batch_norm_forward` (with its
     epilogue) in one compiled call, for ``x`` (dense in ``geom``'s order) of at most
     ``SMALL_SIZE`` values; None for larger ones (the caller runs the stages)."""
-    if x.size > small.SMALL_SIZE:
+    if not is_small(geom):
         return None
-    policy = dtypes.policy(dtype)
-    target = views.output_target(out, (x,) if residual is None else (x, residual), geom)
-    y3 = views.block_view(target, geom)
-    saved = np.empty((2, geom.kept), policy.statistics)
-    coefficients = np.empty((3, geom.kept), policy.compute)
-    placeholder = coefficients[0]  # the compute dtype is the parameter dtype (fastbn.dtypes)
-    update = training and running_mean is not None
-    evaluated = (placeholder, placeholder) if training else (running_mean, running_var)
-    updated = (running_mean, running_var) if update else (placeholder, placeholder)
-    small_forward(views.block_view(x, geom), _given(weight, placeholder), _given(bias, placeholder),
-                  weight is not None, bias is not None, *evaluated, *updated, training, update, momentum, eps,
-                  dtypes.largest(policy.compute), saved[0], saved[1], coefficients,
-                  None if residual is None else views.block_view(residual, geom),
-                  epilogue_floor(activation, policy.compute), y3)
-    return views.finish_output(target, out), saved[0], saved[1]
+    return SmallForward(geom, dtype, training, activation)(x, weight, bias, running_mean, running_var, momentum,
+                                                            eps, out, residual)
 
 
 def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
     """``(dx, dweight, dbias)`` of :func:`fastbn.batch_norm_backward` in one compiled
     call for at most ``SMALL_SIZE`` values; None for larger ones."""
-    if x.size > small.SMALL_SIZE:
+    if not is_small(geom):
         return None
-    policy = dtypes.policy(dtype)
-    target = views.output_target(out, (dy, x), geom)
-    dx3 = views.block_view(target, geom)
-    grads = np.empty((2, geom.kept), policy.parameters)
-    small_backward(views.block_view(dy, geom), views.block_view(x, geom), save_mean, save_invstd,
-                   _given(weight, grads[0]), weight is not None, training, dtypes.largest(policy.compute), grads,
-                   np.empty((4, geom.kept), policy.compute), epilogue_floor(None, policy.compute), dx3)
-    return views.finish_output(target, out), grads[0], grads[1]
+    return SmallBackward(geom, dtype, training)(dy, x, save_mean, save_invstd, weight, out)
 
 
-def _given(v, placeholder):
-    return placeholder if v is None else v
+def forward_plan(geom, dtype, training):
+    """The :class:`SmallForward` plan of a dense ``geom`` (see :mod:`fastbn._call_plans`),
+    or None for tensors above ``SMALL_SIZE`` values."""
+    return SmallForward(geom, dtype, training) if is_small(geom) else None
+
+
+def backward_plan(geom, dtype, training):
+    """The :class:`SmallBackward` plan of a dense ``geom``, or None above ``SMALL_SIZE`` values."""
+    return SmallBackward(geom, dtype, training) if is_small(geom) else None

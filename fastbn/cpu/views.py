@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from ..geometry import PLANES, is_dense_in
-from ..half import storage_view
+from ..half import VIEW_DTYPES, storage_view
 
 
 def _in_kernel_order(a, geometry):
@@ -59,6 +59,38 @@ def _as_kernel_dtype(a):
 def _storage_name(dtype):
     # NumPy computes a dtype's name on every access (several us): small calls notice.
     return dtype.name
+
+
+class KernelViews:
+    """The kernel views of arrays of one geometry and storage dtype, worked out once: what
+    :func:`block_view` and :func:`new_output` do, without their per-call decisions, for
+    the small-tensor passes that run in microseconds (:mod:`fastbn.cpu.fused`)."""
+
+    def __init__(self, geometry, dtype):
+        self.geometry = geometry
+        self.dtype = np.dtype(dtype)
+        identity = _is_identity(geometry.axes)
+        self._to_kernel_order = None if identity else geometry.axes
+        self._to_logical = None if identity else _inverse(geometry.axes)
+        self._buffer_shape = tuple(geometry.shape[a] for a in geometry.axes)
+        self._view_shape = geometry.view_shape
+        self._kernel_dtype = VIEW_DTYPES.get(self.dtype.name)  # None: the kernels take the storage dtype
+
+    def view(self, a):
+        """``a`` (logical shape, dense in the geometry's order, of the storage dtype) as the
+        C-contiguous ``(outer, kept, inner)`` kernel view."""
+        if self._to_kernel_order is not None:
+            a = a.transpose(self._to_kernel_order)
+        a = a.reshape(self._view_shape)
+        return a if self._kernel_dtype is None else a.view(self._kernel_dtype)
+
+    def new_output(self):
+        """A new uninitialized array of the logical shape, dense in the kernels' order, and its kernel view."""
+        buffer = np.empty(self._view_shape, self.dtype)
+        logical = buffer.reshape(self._buffer_shape)
+        if self._to_logical is not None:
+            logical = logical.transpose(self._to_logical)
+        return logical, buffer if self._kernel_dtype is None else buffer.view(self._kernel_dtype)
 
 
 def storage_values(view, dtype):
