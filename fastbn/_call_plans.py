@@ -72,9 +72,15 @@ def lookup(key, updated_mean=None, updated_var=None):
     if key is None:
         return None
     plan = _plans.get(key)
-    if plan is not None and updated_mean is not None and np.may_share_memory(updated_mean, updated_var):
+    if plan is not None and updated_mean is not None and not _separate(updated_mean, updated_var):
         return None
     return plan
+
+
+def _separate(a, b):
+    """True when arrays ``a`` and ``b`` cannot share memory: each owns its buffer (two
+    allocations), or NumPy's bounds test says so."""
+    return (a.base is None and b.base is None and a is not b) or not np.may_share_memory(a, b)
 
 
 def store(key, plan):

@@ -21,9 +21,9 @@ from fastbn import reference
 
 EPS32 = float(np.finfo(np.float32).eps)
 #: (shape in NCHW order, what runs): small ones take the one-call serial path (at most
-#: fastbn.cpu.small.SMALL_SIZE = 32768 values), larger ones the parallel kernels: long
+#: fastbn.cpu.small.SMALL_SIZE = 131072 values), larger ones the parallel kernels: long
 #: NCHW planes reduce and apply as planes; short planes reduce as rows; NHWC runs rows.
-SHAPES = {"small": (3, 5, 4, 4), "planes": (4, 6, 40, 40), "short planes": (40, 8, 11, 11)}
+SHAPES = {"small": (3, 5, 4, 4), "planes": (6, 6, 64, 64), "short planes": (160, 8, 11, 11)}
 
 
 def _storage(name):

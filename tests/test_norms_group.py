@@ -48,8 +48,8 @@ def test_group_norm_matches_reference(kernel_path, shape, dtype, layout):
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_group_norm_large_offset_and_parallel_sizes(layout):
-    """1e4 + randn over 2 * 8 * 48 * 48 values (parallel kernels, several plane blocks)."""
-    x, dy, weight, bias = _case((2, 8, 48, 48), layout, np.float32, offset=1e4)
+    """1e4 + randn over 2 * 8 * 96 * 96 values (parallel kernels, several plane blocks)."""
+    x, dy, weight, bias = _case((2, 8, 96, 96), layout, np.float32, offset=1e4)
     _check_group(x, dy, 4, weight, bias, layout, np.float32)
 
 

@@ -102,15 +102,21 @@ class SmallForward:
         saved = np.empty((2, kept), self.statistics)
         coefficients = np.empty((3, kept), self.compute)
         placeholder = coefficients[0]  # the compute dtype is the parameter dtype (fastbn.dtypes)
-        training = self.training
-        update = training and running_mean is not None
-        evaluated = (placeholder, placeholder) if training else (running_mean, running_var)
-        updated = (running_mean, running_var) if update else (placeholder, placeholder)
+        if self.training:
+            eval_mean = eval_var = placeholder
+            update = running_mean is not None
+            if not update:
+                running_mean = running_var = placeholder
+        else:
+            eval_mean, eval_var = running_mean, running_var
+            running_mean = running_var = placeholder
+            update = False
+        save_mean, save_invstd = saved
         small_forward(kv.view(x), placeholder if weight is None else weight, placeholder if bias is None else bias,
-                      weight is not None, bias is not None, *evaluated, *updated, training, update, momentum, eps,
-                      self.big, saved[0], saved[1], coefficients, None if residual is None else kv.view(residual),
-                      self.floor, y3)
-        return views.finish_output(y, out), saved[0], saved[1]
+                      weight is not None, bias is not None, eval_mean, eval_var, running_mean, running_var,
+                      self.training, update, momentum, eps, self.big, save_mean, save_invstd, coefficients,
+                      None if residual is None else kv.view(residual), self.floor, y3)
+        return views.finish_output(y, out), save_mean, save_invstd
 
 
 class SmallBackward:
