@@ -52,8 +52,8 @@ def forward_key(x, weight, bias, running_mean, running_var, training, momentum, 
             and _optional_array(running_mean) and _optional_array(running_var)
             and (training is True or training is False) and type(momentum) is float and type(eps) is float):
         return None
-    return ("forward", small.SMALL_SIZE, x.shape, x.strides, x.dtype, layout, training, momentum, eps, _vector(weight),
-            _vector(bias), _updated(running_mean, training), _updated(running_var, training))
+    return ("forward", small.SMALL_SIZE, x.shape, x.strides, x.dtype, layout, training, momentum, eps,
+            _vector(weight), _vector(bias), _updated(running_mean, training), _updated(running_var, training))
 
 
 def backward_key(dy, x, save_mean, save_invstd, weight, training, layout):
@@ -62,8 +62,8 @@ def backward_key(dy, x, save_mean, save_invstd, weight, training, layout):
     if not (type(x) is np.ndarray and type(dy) is np.ndarray and _optional_array(save_mean)
             and _optional_array(save_invstd) and _optional_array(weight) and (training is True or training is False)):
         return None
-    return ("backward", small.SMALL_SIZE, dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype, _vector(save_mean),
-            _vector(save_invstd), _vector(weight), training, layout)
+    return ("backward", small.SMALL_SIZE, dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype,
+            _vector(save_mean), _vector(save_invstd), _vector(weight), training, layout)
 
 
 def lookup(key, updated_mean=None, updated_var=None):
