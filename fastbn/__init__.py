@@ -14,21 +14,53 @@ Public functions:
 - :mod:`fastbn.stages` — the pipeline's stages the functions above are built from.
 
 :mod:`fastbn.reference` holds the float64 NumPy implementation they are tested against.
+
+Every public name is loaded on first use (PEP 562): ``import fastbn`` reads no
+submodule, and a process that only calls :func:`batch_norm_forward` never imports the
+layers, the other norms, the reference or the distributed wrappers.
 """
 
-from . import reference, stages
-from ._api import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
-from .layers import BatchNorm
-from .stages import moments
-from .stats import BackwardSums, Moments, stream_moments
+import importlib
 
-from ._version import __version__
+from . import _version
+
+__version__ = _version.__version__
+
+#: Public name -> the submodule defining it, imported on first access.
+_PUBLIC = {
+    "batch_norm": "_api", "batch_norm_backward": "_api", "batch_norm_forward": "_api", "batch_stats": "_api",
+    "BatchNorm": "layers",
+    "moments": "stages",
+    "BackwardSums": "stats", "Moments": "stats", "stream_moments": "stats",
+    "group_norm": "norms", "group_norm_backward": "norms", "group_norm_forward": "norms",
+    "instance_norm": "norms", "layer_norm": "norms", "layer_norm_backward": "norms", "layer_norm_forward": "norms",
+}
+
+#: Submodules reachable as attributes of ``fastbn`` without importing them first (those an
+#: eager ``import fastbn`` used to load).  ``fastbn.torch``, ``fastbn.cuda`` and the
+#: benchmarks are not among them: they need ``import fastbn.torch`` etc., as before.
+_SUBMODULES = frozenset({
+    "reference", "stages", "_api", "_checks", "_dispatch", "_epilogue", "algebra", "coefficients", "cpu",
+    "distributed", "dtypes", "geometry", "ghost", "half", "layers", "norms", "reference_norms", "stats",
+})
 
 __all__ = ["BatchNorm", "BackwardSums", "Moments", "batch_norm", "batch_norm_forward", "batch_norm_backward",
-           "batch_stats", "moments", "reference", "stages", "stream_moments"]
+           "batch_stats", "moments", "reference", "stages", "stream_moments",
+           "group_norm", "group_norm_backward", "group_norm_forward", "instance_norm", "layer_norm",
+           "layer_norm_backward", "layer_norm_forward"]
 
-from .norms import (group_norm, group_norm_backward, group_norm_forward, instance_norm, layer_norm,  # noqa: E402
-                    layer_norm_backward, layer_norm_forward)
 
-__all__ += ["group_norm", "group_norm_backward", "group_norm_forward", "instance_norm", "layer_norm",
-            "layer_norm_backward", "layer_norm_forward"]
+def __getattr__(name):
+    """Import the submodule behind public name (or submodule) ``name`` on first access."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC) | _SUBMODULES)

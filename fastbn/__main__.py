@@ -91,6 +91,8 @@ def build_parser():
                           description=WARMUP_DOC)
     warm.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     warm.add_argument("--layouts", nargs="+", default=list(fbench.LAYOUTS), choices=list(fbench.LAYOUTS))
+    warm.add_argument("--first-call", type=int, default=0, metavar="N",
+                      help="instead: time N new processes to their first forward and backward result")
     bench = sub.add_parser(
         "bench", help="compare fastbn with the NumPy reference and PyTorch CPU, against a measured roofline",
         description=BENCH_DOC)
