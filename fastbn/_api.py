@@ -184,12 +184,12 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
             return ghost.forward(x, weight, bias, running_mean, running_var, momentum, eps, layout, out,
                                  activation, residual, k)
     plan_key = None
-    if out is None and activation is None and residual is None and virtual_batch_size is None:
+    if activation is None and residual is None and virtual_batch_size is None:
         plan_key = _call_plans.forward_key(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                           layout)
+                                           layout, out)
         plan = _call_plans.lookup(plan_key, *((running_mean, running_var) if training else ()))
         if plan is not None:
-            return plan(x, weight, bias, running_mean, running_var, momentum, eps)
+            return plan(x, weight, bias, running_mean, running_var, momentum, eps, out)
     backend = select_backend({"x": x, "weight": weight, "bias": bias, "running_mean": running_mean,
                               "running_var": running_var, "out": out, "residual": residual})
     num_channels = _checks.check_forward_args(x, weight, bias, running_mean, running_var, training, momentum,
@@ -208,7 +208,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, running_mean=None, running_
     x = b.as_dense(x, geometry)  # one copy at most, shared by both passes
     plan = _new_plan(b, "forward_plan", plan_key, geometry, dtype, bool(training))
     if plan is not None:
-        return plan(x, weight, bias, running_mean, running_var, float(momentum), float(eps))
+        return plan(x, weight, bias, running_mean, running_var, float(momentum), float(eps), out)
     # The stages below in fewer launches (CUDA) or one call (small CPU tensors); None: not here.
     fused = getattr(b, "fused_forward", None)
     if fused is not None:
@@ -282,11 +282,11 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
         if training is True or training is np.True_:
             return ghost.backward(dy, x, save_mean, save_invstd, weight, layout, out, activation, y, residual, k)
     plan_key = None
-    if out is None and activation is None and y is None and residual is False and virtual_batch_size is None:
-        plan_key = _call_plans.backward_key(dy, x, save_mean, save_invstd, weight, training, layout)
+    if activation is None and y is None and residual is False and virtual_batch_size is None:
+        plan_key = _call_plans.backward_key(dy, x, save_mean, save_invstd, weight, training, layout, out)
         plan = _call_plans.lookup(plan_key)
         if plan is not None:
-            return plan(dy, x, save_mean, save_invstd, weight)
+            return plan(dy, x, save_mean, save_invstd, weight, out)
     backend = select_backend({"dy": dy, "x": x, "save_mean": save_mean, "save_invstd": save_invstd,
                               "weight": weight, "out": out, "y": y})
     num_channels = _checks.check_backward_args(dy, x, save_mean, save_invstd, weight, training, layout,
@@ -309,7 +309,7 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *,
     x, dy = b.as_dense(x, geometry), b.as_dense(dy, geometry)
     plan = _new_plan(b, "backward_plan", plan_key if same_order else None, geometry, dtype, bool(training))
     if plan is not None:
-        return plan(dy, x, save_mean, save_invstd, weight)
+        return plan(dy, x, save_mean, save_invstd, weight, out)
     if y is not None:
         return _masked_backward(b, dy, x, y, save_mean, save_invstd, weight, bool(training), geometry, out,
                                 dtype, residual)

@@ -11,12 +11,12 @@ cost several times the arithmetic (tens of microseconds against a few).  So
 the backend's plan for it (a callable taking the arrays, e.g.
 :class:`fastbn.cpu.fused.SmallForward`), and later calls of the same structure run the
 plan.  The one property a key cannot hold, whether the running statistics share memory,
-is tested per call (:func:`lookup`).  A plan is also a choice of kernels, so keys hold
+is tested per call (:func:`lookup`), and so is the overlap of ``out`` with the inputs
+(by the plan, which writes through a temporary when they overlap in part).  A plan is also a choice of kernels, so keys hold
 the threshold that makes it (``fastbn.cpu.small.SMALL_SIZE``, which tests and
 ``python -m fastbn warmup`` change to reach the parallel kernels).
 
-Only plain-NumPy calls of the common form have keys (no ``out``, epilogue or virtual
-batches; ``training`` a Python bool; ``momentum`` and ``eps`` Python floats); every other
+Only plain-NumPy calls of the common form have keys (no epilogue or virtual batches; ``training`` a Python bool; ``momentum`` and ``eps`` Python floats); every other
 call runs the checked path, as does the first of each structure.  Plans are immutable,
 so concurrent calls share them; at most :data:`MAX_PLANS` are kept.
 """
@@ -41,29 +41,36 @@ def _updated(v, training):
     return None if v is None else (v.shape, v.dtype, training and v.flags.writeable)
 
 
+def _output(out):
+    """The structure of an ``out`` argument: written in place, in its memory order."""
+    return None if out is None else (out.shape, out.strides, out.dtype, out.flags.writeable)
+
+
 def _optional_array(v):
     return v is None or type(v) is np.ndarray
 
 
-def forward_key(x, weight, bias, running_mean, running_var, training, momentum, eps, layout):
-    """The structure of a :func:`fastbn.batch_norm_forward` call without ``out``, epilogue
-    or virtual batches, or None when the call always takes the checked path."""
+def forward_key(x, weight, bias, running_mean, running_var, training, momentum, eps, layout, out):
+    """The structure of a :func:`fastbn.batch_norm_forward` call without epilogue or
+    virtual batches, or None when the call always takes the checked path."""
     if not (type(x) is np.ndarray and _optional_array(weight) and _optional_array(bias)
-            and _optional_array(running_mean) and _optional_array(running_var)
+            and _optional_array(running_mean) and _optional_array(running_var) and _optional_array(out)
             and (training is True or training is False) and type(momentum) is float and type(eps) is float):
         return None
     return ("forward", small.SMALL_SIZE, x.shape, x.strides, x.dtype, layout, training, momentum, eps,
-            _vector(weight), _vector(bias), _updated(running_mean, training), _updated(running_var, training))
+            _vector(weight), _vector(bias), _updated(running_mean, training), _updated(running_var, training),
+            _output(out))
 
 
-def backward_key(dy, x, save_mean, save_invstd, weight, training, layout):
-    """The structure of a :func:`fastbn.batch_norm_backward` call without ``out``, epilogue
-    or virtual batches, or None when the call always takes the checked path."""
+def backward_key(dy, x, save_mean, save_invstd, weight, training, layout, out):
+    """The structure of a :func:`fastbn.batch_norm_backward` call without epilogue or
+    virtual batches, or None when the call always takes the checked path."""
     if not (type(x) is np.ndarray and type(dy) is np.ndarray and _optional_array(save_mean)
-            and _optional_array(save_invstd) and _optional_array(weight) and (training is True or training is False)):
+            and _optional_array(save_invstd) and _optional_array(weight) and _optional_array(out)
+            and (training is True or training is False)):
         return None
     return ("backward", small.SMALL_SIZE, dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype,
-            _vector(save_mean), _vector(save_invstd), _vector(weight), training, layout)
+            _vector(save_mean), _vector(save_invstd), _vector(weight), training, layout, _output(out))
 
 
 def lookup(key, updated_mean=None, updated_var=None):

@@ -29,7 +29,7 @@ def _planned(key):
 @pytest.mark.parametrize("training", [True, False])
 def test_a_repeated_call_runs_its_plan_with_the_checked_results(rng, layout, training):
     x, w, b, rm, rv = _args(rng, (8, 3, 3, C) if layout == "NHWC" else (8, C, 3, 3))
-    key = _call_plans.forward_key(x, w, b, rm, rv, training, 0.1, 1e-5, layout)
+    key = _call_plans.forward_key(x, w, b, rm, rv, training, 0.1, 1e-5, layout, None)
     rm2, rv2 = rm.copy(), rv.copy()
     first = _forward(x, w, b, rm, rv, training=training, layout=layout)
     assert _planned(key)
@@ -40,7 +40,7 @@ def test_a_repeated_call_runs_its_plan_with_the_checked_results(rng, layout, tra
     np.testing.assert_array_equal(rv2, rv)
     dy = rng.standard_normal(x.shape).astype(x.dtype)
     grads = fastbn.batch_norm_backward(dy, x, first[1], first[2], w, training=training, layout=layout)
-    assert _planned(_call_plans.backward_key(dy, x, first[1], first[2], w, training, layout))
+    assert _planned(_call_plans.backward_key(dy, x, first[1], first[2], w, training, layout, None))
     for a, e in zip(fastbn.batch_norm_backward(dy, x, first[1], first[2], w, training=training, layout=layout),
                     grads):
         np.testing.assert_array_equal(a, e)
@@ -81,16 +81,43 @@ def test_eval_may_read_overlapping_running_statistics(rng):
 def test_plans_follow_the_small_tensor_threshold(rng, monkeypatch):
     x, w, b, rm, rv = _args(rng)
     _forward(x, w, b, rm, rv)
-    small_key = _call_plans.forward_key(x, w, b, rm, rv, True, 0.1, 1e-5, "NCHW")
+    small_key = _call_plans.forward_key(x, w, b, rm, rv, True, 0.1, 1e-5, "NCHW", None)
     monkeypatch.setattr(small, "SMALL_SIZE", 0)
-    assert _call_plans.forward_key(x, w, b, rm, rv, True, 0.1, 1e-5, "NCHW") != small_key
+    assert _call_plans.forward_key(x, w, b, rm, rv, True, 0.1, 1e-5, "NCHW", None) != small_key
     _forward(x, w, b, rm, rv)  # the parallel kernels: no one-call plan
-    assert not _planned(_call_plans.forward_key(x, w, b, rm, rv, True, 0.1, 1e-5, "NCHW"))
+    assert not _planned(_call_plans.forward_key(x, w, b, rm, rv, True, 0.1, 1e-5, "NCHW", None))
 
 
 def test_calls_outside_the_common_form_have_no_key(rng):
     x, w, b, rm, rv = _args(rng)
-    assert _call_plans.forward_key(x, w, b, rm, rv, np.True_, 0.1, 1e-5, "NCHW") is None
-    assert _call_plans.forward_key(x, w, b, rm, rv, True, 0.1, np.float32(1e-5), "NCHW") is None
-    assert _call_plans.forward_key(x.tolist(), w, b, rm, rv, True, 0.1, 1e-5, "NCHW") is None
-    assert _call_plans.backward_key(x, x, rm, rv, w.tolist(), True, "NCHW") is None
+    assert _call_plans.forward_key(x, w, b, rm, rv, np.True_, 0.1, 1e-5, "NCHW", None) is None
+    assert _call_plans.forward_key(x, w, b, rm, rv, True, 0.1, np.float32(1e-5), "NCHW", None) is None
+    assert _call_plans.forward_key(x.tolist(), w, b, rm, rv, True, 0.1, 1e-5, "NCHW", None) is None
+    assert _call_plans.backward_key(x, x, rm, rv, w.tolist(), True, "NCHW", None) is None
+
+
+def test_out_is_planned_and_overlap_is_decided_per_call(rng):
+    x, w, b, rm, rv = _args(rng)
+    expected = _forward(x, w, b, rm.copy(), rv.copy())[0]
+    out = np.empty_like(x)
+    for _ in range(2):  # the checked call, then the planned one
+        y = _forward(x, w, b, rm.copy(), rv.copy(), out=out)[0]
+        assert y is out
+        np.testing.assert_array_equal(out, expected)
+    assert _planned(_call_plans.forward_key(x, w, b, rm, rv, True, 0.1, 1e-5, "NCHW", out))
+    inplace = x.copy()
+    for _ in range(2):  # out is x: same structure as out above, read and written at the same index
+        source = inplace.copy()
+        _forward(inplace, w, b, rm.copy(), rv.copy(), out=inplace)
+        np.testing.assert_array_equal(inplace, _forward(source, w, b, rm.copy(), rv.copy())[0])
+    buffer = np.concatenate([x.ravel(), np.zeros(C * 9, x.dtype)])
+    shifted_in, shifted_out = buffer[:x.size].reshape(x.shape), buffer[C * 9:].reshape(x.shape)
+    y = _forward(shifted_in, w, b, rm.copy(), rv.copy(), out=shifted_out)[0]  # partial overlap
+    np.testing.assert_array_equal(y, expected)
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    _, mean, invstd = _forward(x, w, b, rm.copy(), rv.copy())
+    dx_expected = fastbn.batch_norm_backward(dy, x, mean, invstd, w)[0]
+    for _ in range(2):
+        dx = fastbn.batch_norm_backward(dy, x, mean, invstd, w, out=out)[0]
+        assert dx is out
+        np.testing.assert_array_equal(dx, dx_expected)

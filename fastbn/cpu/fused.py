@@ -12,6 +12,8 @@ the parameter dtype and length C (a row of the coefficients scratch), read but n
 as in :mod:`fastbn.algebra`.
 """
 
+import functools
+
 import numpy as np
 
 from .. import dtypes
@@ -148,6 +150,11 @@ class SmallBackward:
         return views.finish_output(dx, out), grads[0], grads[1]
 
 
+#: Plans by (geometry, dtype, training[, activation]): a training loop builds each once.
+_small_forward = functools.lru_cache(maxsize=256)(SmallForward)
+_small_backward = functools.lru_cache(maxsize=256)(SmallBackward)
+
+
 def is_small(geom):
     """True when a tensor of ``geom`` runs the one-call passes (at most ``SMALL_SIZE`` values)."""
     return geom.outer * geom.kept * geom.inner <= small.SMALL_SIZE
@@ -160,8 +167,8 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     ``SMALL_SIZE`` values; None for larger ones (the caller runs the stages)."""
     if not is_small(geom):
         return None
-    return SmallForward(geom, dtype, training, activation)(x, weight, bias, running_mean, running_var, momentum,
-                                                            eps, out, residual)
+    return _small_forward(geom, dtype, training, activation)(x, weight, bias, running_mean, running_var, momentum,
+                                                             eps, out, residual)
 
 
 def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
@@ -169,15 +176,15 @@ def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
     call for at most ``SMALL_SIZE`` values; None for larger ones."""
     if not is_small(geom):
         return None
-    return SmallBackward(geom, dtype, training)(dy, x, save_mean, save_invstd, weight, out)
+    return _small_backward(geom, dtype, training)(dy, x, save_mean, save_invstd, weight, out)
 
 
 def forward_plan(geom, dtype, training):
     """The :class:`SmallForward` plan of a dense ``geom`` (see :mod:`fastbn._call_plans`),
     or None for tensors above ``SMALL_SIZE`` values."""
-    return SmallForward(geom, dtype, training) if is_small(geom) else None
+    return _small_forward(geom, dtype, training, None) if is_small(geom) else None
 
 
 def backward_plan(geom, dtype, training):
     """The :class:`SmallBackward` plan of a dense ``geom``, or None above ``SMALL_SIZE`` values."""
-    return SmallBackward(geom, dtype, training) if is_small(geom) else None
+    return _small_backward(geom, dtype, training) if is_small(geom) else None
