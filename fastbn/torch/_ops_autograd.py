@@ -73,14 +73,22 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _forward_backward(ctx, grad_y, grad_mean, grad_invstd, _grad_new_mean, _grad_new_var):
+def _forward_backward(ctx, grad_y, grad_mean, grad_invstd, _grad_new_mean, _grad_new_var, eager=None):
+    """The forward's vector-Jacobian product.  ``eager``: the backward operator's kernel
+    function, which a first-order backward (no graph recorded: grad mode off) may call
+    directly instead of the operator (see ``fastbn.torch._ops.EagerBatchNorm``)."""
     x, weight, mean, invstd = ctx.saved_tensors
     dx = dweight = dbias = None
     if grad_y is not None:
         args = (grad_y, x, mean, invstd, weight, ctx.training)
-        # Under torch.func the operator's own autograd is not usable (torch's generated
-        # Function for it has no setup_context); BackwardFunction wraps the same operator.
-        op = BackwardFunction.apply if _needs_function(args[:5]) else torch.ops.fastbn.batch_norm_backward
+        if _needs_function(args[:5]):
+            # Under torch.func the operator's own autograd is not usable (torch's generated
+            # Function for it has no setup_context); BackwardFunction wraps the same operator.
+            op = BackwardFunction.apply
+        elif eager is not None and not torch.is_grad_enabled():
+            op = eager
+        else:
+            op = torch.ops.fastbn.batch_norm_backward
         dx, dweight, dbias = op(*args)
     if ctx.training:  # in eval the statistics are the running ones: no path to x
         dx = _add(dx, _stats_vjp(x, mean, invstd, grad_mean, grad_invstd))
