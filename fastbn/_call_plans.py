@@ -31,46 +31,61 @@ MAX_PLANS = 256
 _plans = {}
 
 
+class _NoKey(Exception):
+    """An argument that is neither None nor a numpy.ndarray: the call takes the checked path."""
+
+
 def _vector(v):
     """The structure of a per-channel vector argument (None for an absent one)."""
-    return None if v is None else (v.shape, v.dtype)
+    if v is None:
+        return None
+    if type(v) is not np.ndarray:
+        raise _NoKey
+    return v.shape, v.dtype
 
 
 def _updated(v, training):
     """The structure of a running statistic: updated in place in training, so writability counts."""
-    return None if v is None else (v.shape, v.dtype, training and v.flags.writeable)
+    if v is None:
+        return None
+    if type(v) is not np.ndarray:
+        raise _NoKey
+    return v.shape, v.dtype, training and v.flags.writeable
 
 
 def _output(out):
     """The structure of an ``out`` argument: written in place, in its memory order."""
-    return None if out is None else (out.shape, out.strides, out.dtype, out.flags.writeable)
-
-
-def _optional_array(v):
-    return v is None or type(v) is np.ndarray
+    if out is None:
+        return None
+    if type(out) is not np.ndarray:
+        raise _NoKey
+    return out.shape, out.strides, out.dtype, out.flags.writeable
 
 
 def forward_key(x, weight, bias, running_mean, running_var, training, momentum, eps, layout, out):
     """The structure of a :func:`fastbn.batch_norm_forward` call without epilogue or
     virtual batches, or None when the call always takes the checked path."""
-    if not (type(x) is np.ndarray and _optional_array(weight) and _optional_array(bias)
-            and _optional_array(running_mean) and _optional_array(running_var) and _optional_array(out)
-            and (training is True or training is False) and type(momentum) is float and type(eps) is float):
+    if (type(x) is not np.ndarray or (training is not True and training is not False)
+            or type(momentum) is not float or type(eps) is not float):
         return None
-    return ("forward", small.SMALL_SIZE, x.shape, x.strides, x.dtype, layout, training, momentum, eps,
-            _vector(weight), _vector(bias), _updated(running_mean, training), _updated(running_var, training),
-            _output(out))
+    try:
+        return ("forward", small.SMALL_SIZE, x.shape, x.strides, x.dtype, layout, training, momentum, eps,
+                _vector(weight), _vector(bias), _updated(running_mean, training), _updated(running_var, training),
+                _output(out))
+    except _NoKey:
+        return None
 
 
 def backward_key(dy, x, save_mean, save_invstd, weight, training, layout, out):
     """The structure of a :func:`fastbn.batch_norm_backward` call without epilogue or
     virtual batches, or None when the call always takes the checked path."""
-    if not (type(x) is np.ndarray and type(dy) is np.ndarray and _optional_array(save_mean)
-            and _optional_array(save_invstd) and _optional_array(weight) and _optional_array(out)
-            and (training is True or training is False)):
+    if type(x) is not np.ndarray or type(dy) is not np.ndarray or (training is not True and training is not False):
         return None
-    return ("backward", small.SMALL_SIZE, dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype,
-            _vector(save_mean), _vector(save_invstd), _vector(weight), training, layout, _output(out))
+    try:
+        return ("backward", small.SMALL_SIZE, dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype,
+                _vector(save_mean), _vector(save_invstd), _vector(weight), training, layout, _output(out))
+    except _NoKey:
+        return None
 
 
 def lookup(key, updated_mean=None, updated_var=None):
