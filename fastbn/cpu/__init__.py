@@ -11,5 +11,6 @@ from .stages import (apply, as_dense, backward_apply, backward_coefficients, bac
 from .fused import backward as fused_backward, backward_plan, forward as fused_forward, forward_plan
 
 __all__ = ["NATIVE_FLOAT16", "apply", "as_dense", "backward_apply", "backward_coefficients", "backward_scale",
-           "backward_plan", "backward_sums", "forward_coefficients", "forward_plan", "fused_backward", "fused_forward", "geometry", "mean_var",
-           "merge_moments", "merge_sums", "moments", "moments_invstd", "moments_var", "new_output", "parameter_gradients"]
+           "backward_plan", "backward_sums", "forward_coefficients", "forward_plan", "fused_backward",
+           "fused_forward", "geometry", "mean_var", "merge_moments", "merge_sums", "moments", "moments_invstd",
+           "moments_var", "new_output", "parameter_gradients"]
