@@ -78,19 +78,24 @@ def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training
         small.small_apply(dy3, None, center, dy_scale, shift, floor, dx3)
 
 
-class SmallForward:
-    """:func:`fastbn.batch_norm_forward` of a small tensor of one geometry and dtype, set up
-    once: calling it with arrays of that structure (``x`` dense in ``geom``'s order) runs
-    the whole pass in one compiled call.  Immutable, so one plan serves concurrent calls."""
+class _SmallPass:
+    """What a one-call pass of one geometry and dtype works out once: its kernel views,
+    the dtype policy's dtypes, the saturation bound and the epilogue's floor.  Immutable,
+    so one plan serves concurrent calls."""
 
     def __init__(self, geom, dtype, training, activation=None):
         policy = dtypes.policy(dtype)
         self.views = views.KernelViews(geom, dtype)
         self.training = training
-        self.statistics = policy.statistics
-        self.compute = policy.compute
+        self.statistics, self.parameters, self.compute = policy.statistics, policy.parameters, policy.compute
         self.big = dtypes.largest(policy.compute)
         self.floor = epilogue_floor(activation, policy.compute)
+
+
+class SmallForward(_SmallPass):
+    """:func:`fastbn.batch_norm_forward` of a small tensor of one geometry and dtype, set up
+    once (``SmallForward(geom, dtype, training, activation=None)``): calling it with arrays
+    of that structure (``x`` dense in ``geom``'s order) runs the whole pass in one compiled call."""
 
     def __call__(self, x, weight, bias, running_mean, running_var, momentum, eps, out=None, residual=None):
         """``(y, save_mean, save_invstd)``; ``out``, ``residual`` as in batch_norm_forward."""
@@ -121,18 +126,9 @@ class SmallForward:
         return views.finish_output(y, out), save_mean, save_invstd
 
 
-class SmallBackward:
+class SmallBackward(_SmallPass):
     """:func:`fastbn.batch_norm_backward` of a small tensor of one geometry and dtype in
-    one compiled call (as :class:`SmallForward`)."""
-
-    def __init__(self, geom, dtype, training):
-        policy = dtypes.policy(dtype)
-        self.views = views.KernelViews(geom, dtype)
-        self.training = training
-        self.parameters = policy.parameters
-        self.compute = policy.compute
-        self.big = dtypes.largest(policy.compute)
-        self.floor = epilogue_floor(None, policy.compute)
+    one compiled call (``SmallBackward(geom, dtype, training)``, as :class:`SmallForward`)."""
 
     def __call__(self, dy, x, save_mean, save_invstd, weight, out=None):
         """``(dx, dweight, dbias)``; ``out`` as in batch_norm_backward."""
