@@ -2,6 +2,8 @@
 (fastbn.torch._ops.EagerBatchNorm) instead of the operator: same numbers, same
 gradients, and double backward still goes through the differentiable operator."""
 
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -50,3 +52,14 @@ def test_traced_and_meta_calls_use_the_operator():
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.empty(4, 3, 2, 2))
         assert not _ops._eager(fake)
+
+
+def test_jit_trace_records_the_operator():
+    from fastbn.torch import BatchNorm2d
+    module = BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated in torch 2.13, and warns
+        warnings.simplefilter("ignore")  # about the module's Python checks on the input
+        traced = torch.jit.trace(module, x)
+    assert "fastbn::batch_norm" in str(traced.graph)
+    torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)

@@ -244,10 +244,11 @@ class EagerBatchNorm(torch.autograd.Function):
 def _eager(x):
     """True when a call on ``x`` runs eagerly on real data: a plain CPU or CUDA tensor
     (not meta, not a subclass such as fake or functorch-wrapped ones), not under
-    torch.compile or export, and with no dispatch mode (tracing, fake tensors) active;
-    the others need the operator and its registrations."""
+    torch.compile, export or ``torch.jit.trace`` (which records the operator), and with
+    no dispatch mode (tracing, fake tensors) active; the others need the operator and
+    its registrations."""
     return (type(x) is torch.Tensor and (x.is_cpu or x.is_cuda) and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0)
+            and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0)
 
 
 # --------------------------------------------------------------------------- vmap
