@@ -12,12 +12,14 @@ the backend's plan for it (a callable taking the arrays, e.g.
 :class:`fastbn.cpu.fused.SmallForward`), and later calls of the same structure run the
 plan.  The one property a key cannot hold, whether the running statistics share memory,
 is tested per call (:func:`lookup`), and so is the overlap of ``out`` with the inputs
-(by the plan, which writes through a temporary when they overlap in part).  A plan is also a choice of kernels, so keys hold
-the threshold that makes it (``fastbn.cpu.small.SMALL_SIZE``, which tests and
-``python -m fastbn warmup`` change to reach the parallel kernels).
+(by the plan, which writes through a temporary when they overlap in part).  A plan is
+also a choice of kernels, so keys hold the threshold that makes it
+(``fastbn.cpu.small.SMALL_SIZE``, which tests and ``python -m fastbn warmup`` change to
+reach the parallel kernels).
 
-Only plain-NumPy calls of the common form have keys (no epilogue or virtual batches; ``training`` a Python bool; ``momentum`` and ``eps`` Python floats); every other
-call runs the checked path, as does the first of each structure.  Plans are immutable,
+Only plain-NumPy calls of the common form have keys (no epilogue or virtual batches;
+``training`` a Python bool; ``momentum`` and ``eps`` Python floats); every other call
+runs the checked path, as does the first of each structure.  Plans are immutable,
 so concurrent calls share them; at most :data:`MAX_PLANS` are kept.
 """
 

@@ -85,7 +85,7 @@ class _SmallPass:
 
     def __init__(self, geom, dtype, training, activation=None):
         policy = dtypes.policy(dtype)
-        self.views = views.KernelViews(geom, dtype)
+        self.views = views.kernel_views(geom, np.dtype(dtype))
         self.training = training
         self.statistics, self.parameters, self.compute = policy.statistics, policy.parameters, policy.compute
         self.big = dtypes.largest(policy.compute)
@@ -100,11 +100,7 @@ class SmallForward(_SmallPass):
     def __call__(self, x, weight, bias, running_mean, running_var, momentum, eps, out=None, residual=None):
         """``(y, save_mean, save_invstd)``; ``out``, ``residual`` as in batch_norm_forward."""
         kv = self.views
-        if out is None:
-            y, y3 = kv.new_output()
-        else:
-            y = views.output_target(out, (x,) if residual is None else (x, residual), kv.geometry)
-            y3 = kv.view(y)
+        y, y3 = kv.output(out, (x,) if residual is None else (x, residual))
         kept = kv.geometry.kept
         saved = np.empty((2, kept), self.statistics)
         coefficients = np.empty((3, kept), self.compute)
@@ -133,11 +129,7 @@ class SmallBackward(_SmallPass):
     def __call__(self, dy, x, save_mean, save_invstd, weight, out=None):
         """``(dx, dweight, dbias)``; ``out`` as in batch_norm_backward."""
         kv = self.views
-        if out is None:
-            dx, dx3 = kv.new_output()
-        else:
-            dx = views.output_target(out, (dy, x), kv.geometry)
-            dx3 = kv.view(dx)
+        dx, dx3 = kv.output(out, (dy, x))
         kept = kv.geometry.kept
         grads = np.empty((2, kept), self.parameters)
         small_backward(kv.view(dy), kv.view(x), save_mean, save_invstd, grads[0] if weight is None else weight,
@@ -161,24 +153,21 @@ def forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
     """``(y, save_mean, save_invstd)`` of :func:`fastbn.batch_norm_forward` (with its
     epilogue) in one compiled call, for ``x`` (dense in ``geom``'s order) of at most
     ``SMALL_SIZE`` values; None for larger ones (the caller runs the stages)."""
-    if not is_small(geom):
-        return None
-    return _small_forward(geom, dtype, training, activation)(x, weight, bias, running_mean, running_var, momentum,
-                                                             eps, out, residual)
+    plan = forward_plan(geom, dtype, training, activation)
+    return None if plan is None else plan(x, weight, bias, running_mean, running_var, momentum, eps, out, residual)
 
 
 def backward(dy, x, save_mean, save_invstd, weight, training, geom, out, dtype):
     """``(dx, dweight, dbias)`` of :func:`fastbn.batch_norm_backward` in one compiled
     call for at most ``SMALL_SIZE`` values; None for larger ones."""
-    if not is_small(geom):
-        return None
-    return _small_backward(geom, dtype, training)(dy, x, save_mean, save_invstd, weight, out)
+    plan = backward_plan(geom, dtype, training)
+    return None if plan is None else plan(dy, x, save_mean, save_invstd, weight, out)
 
 
-def forward_plan(geom, dtype, training):
+def forward_plan(geom, dtype, training, activation=None):
     """The :class:`SmallForward` plan of a dense ``geom`` (see :mod:`fastbn._call_plans`),
     or None for tensors above ``SMALL_SIZE`` values."""
-    return _small_forward(geom, dtype, training, None) if is_small(geom) else None
+    return _small_forward(geom, dtype, training, activation) if is_small(geom) else None
 
 
 def backward_plan(geom, dtype, training):

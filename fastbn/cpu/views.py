@@ -92,6 +92,20 @@ class KernelViews:
             logical = logical.transpose(self._to_logical)
         return logical, buffer if self._kernel_dtype is None else buffer.view(self._kernel_dtype)
 
+    def output(self, out, inputs):
+        """Where a pass reading ``inputs`` writes, and its kernel view: a new array when
+        ``out`` is None, else :func:`output_target` (``out`` itself or a buffer)."""
+        if out is None:
+            return self.new_output()
+        target = output_target(out, inputs, self.geometry)
+        return target, self.view(target)
+
+
+@functools.lru_cache(maxsize=256)
+def kernel_views(geometry, dtype):
+    """The :class:`KernelViews` of ``geometry`` and storage ``dtype`` (a NumPy dtype), built once."""
+    return KernelViews(geometry, dtype)
+
 
 def storage_values(view, dtype):
     """A kernel view seen again as storage ``dtype`` (its values, for host-side NumPy)."""
@@ -113,7 +127,7 @@ def is_dense(a, geometry):
 
 def new_output(geometry, dtype):
     """An uninitialized array of the logical shape whose bytes are in the kernels' order."""
-    return _logical(np.empty(tuple(geometry.shape[a] for a in geometry.axes), dtype=dtype), geometry)
+    return kernel_views(geometry, np.dtype(dtype)).new_output()[0]
 
 
 def _same_view(a, b):
