@@ -9,6 +9,7 @@ import numpy as np
 
 import fastbn
 from fastbn import bench as fbench
+from fastbn import bench_roofline
 from fastbn import bench_step
 
 #: Pause before each timed case (see bench_rows): lets the other pool's spinning workers sleep.
@@ -18,7 +19,7 @@ BENCH_DOC = """Time every op (batch statistics, training forward, eval forward, 
 layouts: fastbn's best time, its effective bandwidth (traffic model: stats 1, training
 forward 3, eval forward 2, backward 5 tensor passes), the percentage of a roofline
 measured right after each case over the case's own arrays (the same traffic as plain read
-and copy passes, fastbn.bench.case_roofline), whether the case fits in the last-level
+and copy passes, fastbn.bench_roofline.case_roofline), whether the case fits in the last-level
 cache ("in-cache") or not ("DRAM"), and the speed-up over the float64 NumPy reference and
 over PyTorch CPU (F.batch_norm; NHWC against channels_last) when torch is installed."""
 
@@ -57,14 +58,14 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
     other processes then spoils one round, not a case, and with several dtypes not one
     dtype's timings.  The roofline of each case is measured right after fastbn's timing of
     it, in every round (best kept), over the case's own arrays (same bytes, same cache
-    state; see fastbn.bench.case_roofline).  The NumPy reference (slow) is timed in the
+    state; see fastbn.bench_roofline.case_roofline).  The NumPy reference (slow) is timed in the
     first round only.
     """
     dtypes = [np.dtype(d) for d in dtype] if isinstance(dtype, (list, tuple)) else [np.dtype(dtype)]
     impls = fbench.available_implementations()
     if not with_reference:
         impls.pop("numpy", None)
-    llc_bytes = llc_bytes or fbench.last_level_cache_bytes()
+    llc_bytes = llc_bytes or bench_roofline.last_level_cache_bytes()
     repeat, min_time = (3, 0.02) if quick else (10, 0.1)
     rounds = 1 if quick else max(1, rounds)
     # Count the cases each shape will time, so the progress total is exact.
@@ -123,7 +124,7 @@ def bench_rows(shapes, layouts, ops, dtype, quick=False, with_reference=True, ro
                     # moment or on other bytes can read below the kernel it is meant to bound.
                     x, dy, _, _, _, _ = fbench.shared_inputs(shape, layout, each)
                     out = fbench.shared_output(shape, layout, each)
-                    roof = fbench.case_roofline(op, x, dy, out, repeat, min_time)
+                    roof = bench_roofline.case_roofline(op, x, dy, out, repeat, min_time)
                     roofs[(each, layout, op)] = min(roofs.get((each, layout, op), float("inf")), roof)
         del cases
         fbench.sharing_inputs(False)
@@ -145,8 +146,8 @@ def _row(shape, layout, op, dtype, llc_bytes, impls, times, roofline_s):
     the derived bandwidths and ratios."""
     row = {"shape": list(shape), "layout": layout, "op": op, "dtype": np.dtype(dtype).name,
            "threads": numba.get_num_threads(), "bytes": fbench.traffic_bytes(op, shape, dtype),
-           "footprint_bytes": fbench.footprint_bytes(op, shape, dtype),
-           "llc_bytes": llc_bytes, "cache": fbench.cache_label(op, shape, dtype, llc_bytes)}
+           "footprint_bytes": bench_roofline.footprint_bytes(op, shape, dtype),
+           "llc_bytes": llc_bytes, "cache": bench_roofline.cache_label(op, shape, dtype, llc_bytes)}
     for name in impls:
         if name in times:
             row[f"{name}_s"] = times[name]
@@ -330,7 +331,7 @@ def bench_main(args):
     if getattr(args, "op", "batch") != "batch":
         from .bench_norms import norms_main
         return norms_main(args, dtype, fbench.parse_shapes, fbench.smoke())
-    llc_bytes = fbench.last_level_cache_bytes()
+    llc_bytes = bench_roofline.last_level_cache_bytes()
     rows = list(bench_rows(shapes, args.layouts, ops, dtypes, quick=args.quick,
                            with_reference=not args.no_reference, rounds=args.rounds, llc_bytes=llc_bytes))
     for each in dtypes:
