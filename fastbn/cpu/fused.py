@@ -8,8 +8,8 @@ function, in the same order on the same dtypes, so their results are bitwise tho
 the stage-by-stage composition in :mod:`fastbn._api` (tested).
 
 Absent optional vectors (weight, bias, running statistics) are passed as placeholders of
-the parameter dtype and length C (a row of the coefficients scratch), read but not used,
-as in :mod:`fastbn.algebra`.
+the parameter dtype and length C (the plan's zeros), read but not used, as in
+:mod:`fastbn.algebra`.
 """
 
 import functools
@@ -18,50 +18,68 @@ import numpy as np
 
 from .. import dtypes
 from . import channels, small, views
-from ._jit import serial_kernel
+from ._jit import inline_helper, serial_kernel
 from .stages import epilogue_floor
+
+
+@inline_helper
+def partial_overlap(a, b):
+    """True when C-contiguous arrays ``a`` and ``b`` of one shape and dtype share bytes
+    without being the same array: an elementwise pass from ``b`` into ``a`` would then
+    read values it has already written.  (The same array is fine: each value is read
+    before it is written.)"""
+    a0 = a.ctypes.data
+    b0 = b.ctypes.data
+    return a0 != b0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 @serial_kernel
 def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, running_mean, running_var,
-                  training, update_running, momentum, eps, big, save_mean, save_invstd, coefficients, residual3,
-                  floor, y3):
+                  training, update_running, momentum, eps, big, saved, residual3, floor, y3):
     """Statistics (training) or running statistics (eval), coefficients and apply.
 
-    x3, y3: (outer, kept, inner) C-contiguous; weight, bias: (kept,) or placeholders;
-    eval_mean, eval_var: the statistics eval normalizes with (may be read-only;
-    placeholders in training); running_mean, running_var: updated in training when
-    ``update_running`` (placeholders otherwise); save_mean, save_invstd: (kept,) outputs in
-    the statistics dtype (the batch mean is kept in float64 until the coefficients are made,
-    as in the stages, whatever that dtype);
-    coefficients: (3, kept) scratch in the compute dtype (center, scale, shift);
-    residual3, floor: the epilogue of :func:`fastbn.cpu.small.small_apply`.
+    x3, y3: (outer, kept, inner) C-contiguous (``y3`` may be ``x3`` itself; a partial
+    overlap with x3 or residual3 is written through a temporary); weight, bias: (kept,) or
+    placeholders; eval_mean, eval_var: the statistics eval normalizes with (may be
+    read-only; placeholders in training); running_mean, running_var: updated in training
+    when ``update_running`` (placeholders otherwise, never written); saved: (2, kept) output (save_mean, save_invstd) in the statistics
+    dtype (the batch mean is kept in float64 until the coefficients are made, as in the
+    stages, whatever that dtype); residual3, floor: the epilogue of
+    :func:`fastbn.cpu.small.small_apply` (``floor`` in the compute dtype).
     """
+    kept = saved.shape[1]
+    coefficients = np.full((3, kept), floor)  # scratch in the compute dtype, floor's type
     center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
     if training:
-        count = np.empty(save_mean.size)
-        mean = np.empty(save_mean.size)
-        m2 = np.empty(save_mean.size)
+        count = np.empty(kept)
+        mean = np.empty(kept)
+        m2 = np.empty(kept)
         small.small_moments(x3, count, mean, m2)
         channels.forward_coefficients(count, mean, m2, True, weight, bias, use_weight, use_bias, eps, big,
                                       momentum, running_mean, running_var, update_running,
-                                      save_mean, save_invstd, center, scale, shift)
+                                      saved[0], saved[1], center, scale, shift)
     else:
         channels.forward_coefficients(eval_mean, eval_mean, eval_var, False, weight, bias, use_weight,
                                       use_bias, eps, big, momentum, running_mean, running_var, False,
-                                      save_mean, save_invstd, center, scale, shift)
-    small.small_apply(x3, residual3, center, scale, shift, floor, y3)
+                                      saved[0], saved[1], center, scale, shift)
+    through = partial_overlap(y3, x3)
+    if residual3 is not None:
+        through = through or partial_overlap(y3, residual3)
+    target = np.empty_like(y3) if through else y3
+    small.small_apply(x3, residual3, center, scale, shift, floor, target)
+    if through:
+        y3[...] = target
 
 
 @serial_kernel
-def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training, big, grads, coefficients,
-                   floor, dx3):
+def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training, big, grads, floor, dx3):
     """Sums, dweight/dbias, dx coefficients and the dx pass.
 
-    dy3, x3, dx3: (outer, kept, inner) C-contiguous; save_mean, save_invstd: (kept,);
-    weight: (kept,) or a placeholder; grads: (2, kept) output (dweight, dbias) in the
-    parameter dtype; coefficients: (4, kept) scratch in the compute dtype; floor: -inf
-    in the compute dtype (eval's dx pass is an apply without epilogue).
+    dy3, x3, dx3: (outer, kept, inner) C-contiguous (``dx3`` may be ``dy3`` or ``x3``
+    itself; a partial overlap is written through a temporary); save_mean, save_invstd:
+    (kept,); weight: (kept,) or a placeholder; grads: (2, kept) output (dweight, dbias) in
+    the parameter dtype; floor: -inf in the compute dtype (eval's dx pass is an apply
+    without epilogue).
     """
     kept = save_invstd.size
     count = np.empty(kept)
@@ -69,19 +87,25 @@ def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training
     sum_dy_xmu = np.empty(kept)
     small.small_backward_sums(dy3, x3, None, save_mean, count, sum_dy, sum_dy_xmu)
     channels.weight_bias_gradients(sum_dy, sum_dy_xmu, save_invstd, grads[0], grads[1])
+    coefficients = np.full((4, kept), floor)  # scratch in the compute dtype, floor's type
     center, dy_scale, x_scale, shift = coefficients[0], coefficients[1], coefficients[2], coefficients[3]
     channels.backward_coefficients(count, sum_dy, sum_dy_xmu, save_mean, save_invstd, weight, use_weight,
                                    training, big, center, dy_scale, x_scale, shift)
+    through = partial_overlap(dx3, dy3) or partial_overlap(dx3, x3)
+    target = np.empty_like(dx3) if through else dx3
     if training:
-        small.small_backward_apply(dy3, x3, None, center, dy_scale, x_scale, shift, dx3, None)
+        small.small_backward_apply(dy3, x3, None, center, dy_scale, x_scale, shift, target, None)
     else:
-        small.small_apply(dy3, None, center, dy_scale, shift, floor, dx3)
+        small.small_apply(dy3, None, center, dy_scale, shift, floor, target)
+    if through:
+        dx3[...] = target
 
 
 class _SmallPass:
     """What a one-call pass of one geometry and dtype works out once: its kernel views,
-    the dtype policy's dtypes, the saturation bound and the epilogue's floor.  Immutable,
-    so one plan serves concurrent calls."""
+    the dtype policy's dtypes, the saturation bound, the epilogue's floor and the
+    placeholder of absent vectors (zeros of length C in the parameter dtype, never
+    written).  Immutable, so one plan serves concurrent calls."""
 
     def __init__(self, geom, dtype, training, activation=None):
         policy = dtypes.policy(dtype)
@@ -90,6 +114,7 @@ class _SmallPass:
         self.statistics, self.parameters, self.compute = policy.statistics, policy.parameters, policy.compute
         self.big = dtypes.largest(policy.compute)
         self.floor = epilogue_floor(activation, policy.compute)
+        self.placeholder = np.zeros(geom.kept, policy.parameters)
 
 
 class SmallForward(_SmallPass):
@@ -100,11 +125,9 @@ class SmallForward(_SmallPass):
     def __call__(self, x, weight, bias, running_mean, running_var, momentum, eps, out=None, residual=None):
         """``(y, save_mean, save_invstd)``; ``out``, ``residual`` as in batch_norm_forward."""
         kv = self.views
-        y, y3 = kv.output(out, (x,) if residual is None else (x, residual))
-        kept = kv.geometry.kept
-        saved = np.empty((2, kept), self.statistics)
-        coefficients = np.empty((3, kept), self.compute)
-        placeholder = coefficients[0]  # the compute dtype is the parameter dtype (fastbn.dtypes)
+        y, y3 = kv.output(out)
+        saved = np.empty((2, kv.geometry.kept), self.statistics)
+        placeholder = self.placeholder
         if self.training:
             eval_mean = eval_var = placeholder
             update = running_mean is not None
@@ -114,12 +137,11 @@ class SmallForward(_SmallPass):
             eval_mean, eval_var = running_mean, running_var
             running_mean = running_var = placeholder
             update = False
-        save_mean, save_invstd = saved[0], saved[1]  # indexing: unpacking iterates, ~3x slower
         small_forward(kv.view(x), placeholder if weight is None else weight, placeholder if bias is None else bias,
                       weight is not None, bias is not None, eval_mean, eval_var, running_mean, running_var,
-                      self.training, update, momentum, eps, self.big, save_mean, save_invstd, coefficients,
+                      self.training, update, momentum, eps, self.big, saved,
                       None if residual is None else kv.view(residual), self.floor, y3)
-        return views.finish_output(y, out), save_mean, save_invstd
+        return views.finish_output(y, out), saved[0], saved[1]  # indexing: unpacking iterates, ~3x slower
 
 
 class SmallBackward(_SmallPass):
@@ -129,12 +151,10 @@ class SmallBackward(_SmallPass):
     def __call__(self, dy, x, save_mean, save_invstd, weight, out=None):
         """``(dx, dweight, dbias)``; ``out`` as in batch_norm_backward."""
         kv = self.views
-        dx, dx3 = kv.output(out, (dy, x))
-        kept = kv.geometry.kept
-        grads = np.empty((2, kept), self.parameters)
-        small_backward(kv.view(dy), kv.view(x), save_mean, save_invstd, grads[0] if weight is None else weight,
-                       weight is not None, self.training, self.big, grads, np.empty((4, kept), self.compute),
-                       self.floor, dx3)
+        dx, dx3 = kv.output(out)
+        grads = np.empty((2, kv.geometry.kept), self.parameters)
+        small_backward(kv.view(dy), kv.view(x), save_mean, save_invstd, self.placeholder if weight is None else weight,
+                       weight is not None, self.training, self.big, grads, self.floor, dx3)
         return views.finish_output(dx, out), grads[0], grads[1]
 
 

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from ..geometry import PLANES, is_dense_in
+from ..geometry import PLANES, dense_strides, is_dense_in
 from ..half import VIEW_DTYPES, storage_view
 
 
@@ -75,6 +75,7 @@ class KernelViews:
         self._buffer_shape = tuple(geometry.shape[a] for a in geometry.axes)
         self._view_shape = geometry.view_shape
         self._kernel_dtype = VIEW_DTYPES.get(self.dtype.name)  # None: the kernels take the storage dtype
+        self._dense_strides = dense_strides(tuple(geometry.shape), self.dtype.itemsize, tuple(geometry.axes))
 
     def view(self, a):
         """``a`` (logical shape, dense in the geometry's order, of the storage dtype) as the
@@ -92,13 +93,15 @@ class KernelViews:
             logical = logical.transpose(self._to_logical)
         return logical, buffer if self._kernel_dtype is None else buffer.view(self._kernel_dtype)
 
-    def output(self, out, inputs):
-        """Where a pass reading ``inputs`` writes, and its kernel view: a new array when
-        ``out`` is None, else :func:`output_target` (``out`` itself or a buffer)."""
-        if out is None:
+    def output(self, out):
+        """Where a one-call pass writes, and its kernel view: ``out`` itself when it is
+        dense in the kernels' order, else a new array (``out`` None, or strided: then
+        :func:`finish_output` copies into it).  ``out`` may overlap the inputs: the
+        one-call kernels write through a temporary when it does in part
+        (:func:`fastbn.cpu.fused.partial_overlap`)."""
+        if out is None or not (out.strides == self._dense_strides or is_dense(out, self.geometry)):
             return self.new_output()
-        target = output_target(out, inputs, self.geometry)
-        return target, self.view(target)
+        return out, self.view(out)
 
 
 @functools.lru_cache(maxsize=256)
