@@ -121,3 +121,9 @@ def test_out_is_planned_and_overlap_is_decided_per_call(rng):
         dx = fastbn.batch_norm_backward(dy, x, mean, invstd, w, out=out)[0]
         assert dx is out
         np.testing.assert_array_equal(dx, dx_expected)
+    for lo, hi in ((0, C * 9), (C * 9, 0)):  # out behind and ahead of its input, in part
+        shifted_dy, shifted_out = buffer[lo:lo + x.size].reshape(x.shape), buffer[hi:hi + x.size].reshape(x.shape)
+        shifted_dy[...] = dy
+        dx = fastbn.batch_norm_backward(shifted_dy, x, mean, invstd, w, out=shifted_out)[0]
+        assert dx is shifted_out
+        np.testing.assert_array_equal(dx, dx_expected)
