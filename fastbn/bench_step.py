@@ -70,6 +70,54 @@ class BatchNormTimer:
             h.remove()
 
 
+def batch_norm_inputs(model, x):
+    """The input tensors of ``model``'s batch-norm modules in one forward pass on ``x``
+    (detached copies, in their memory format), in module order."""
+    import torch
+
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone(
+                 memory_format=torch.preserve_format)))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def batch_norm_alone(model, inputs, steps, rounds):
+    """Seconds per step of ``model``'s batch-norm modules run alone (no other torch op
+    between them) on their inputs in the step (:func:`batch_norm_inputs`): each module's
+    forward and backward with a fixed output gradient, summed over the modules, best of
+    ``rounds`` means over ``steps`` passes.  What the step's batch-norm time would be if
+    the other layers left no trace (caches, thread pools)."""
+    import torch
+
+    modules = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    cases = []
+    for m, x in zip(modules, inputs):
+        x = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        grad = torch.empty_like(x, requires_grad=False).normal_(generator=torch.Generator().manual_seed(2))
+        cases.append((m, x, grad))
+
+    def one_pass():
+        for m, x, g in cases:
+            m(x).backward(g)
+            x.grad = None
+
+    one_pass()
+    best = float("inf")
+    for _ in range(max(1, rounds)):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_pass()
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
 def training_step(model, x, optimizer):
     """One step: forward, a scalar loss, backward, SGD update."""
     optimizer.zero_grad(set_to_none=True)
@@ -138,7 +186,16 @@ def step_rows(cases=None, steps=10, rounds=3, pause=0.05, progress=None):
                 share = timer.seconds / steps / hooked
                 if name not in bn or timer.seconds / steps < bn[name][0]:
                     bn[name] = (timer.seconds / steps, share)
+        inputs = batch_norm_inputs(native, x)
+        alone = {}
+        for _ in range(max(1, rounds)):  # alternating, as the steps
+            for name, model in models.items():
+                time.sleep(pause)
+                alone[name] = min(alone.get(name, float("inf")), batch_norm_alone(model, inputs, steps, 1))
         yield {"model": kind, "memory_format": fmt, "input_shape": list(shape),
+               "bn_shapes": [list(t.shape) for t in inputs],
+               "torch_bn_alone_s": alone["torch"], "fastbn_bn_alone_s": alone["fastbn"],
+               "bn_alone_ratio": alone["torch"] / alone["fastbn"],
                "threads": torch.get_num_threads(), "output_rel_diff": output_diff,
                "torch_step_s": best["torch"], "fastbn_step_s": best["fastbn"],
                "step_ratio": best["torch"] / best["fastbn"],
@@ -151,13 +208,14 @@ def step_rows(cases=None, steps=10, rounds=3, pause=0.05, progress=None):
 
 def format_step_table(rows):
     header = (f"{'model':5} {'format':13} {'torch ms':>9} {'fastbn ms':>9} {'step x':>7} "
-              f"{'BN torch ms':>11} {'BN fastbn ms':>12} {'BN x':>6} {'BN % torch':>10} {'BN % fastbn':>11}")
+              f"{'BN torch ms':>11} {'BN fastbn ms':>12} {'BN x':>6} {'BN % torch':>10} {'BN % fastbn':>11} "
+              f"{'alone x':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['model']:5} {r['memory_format']:13} {r['torch_step_s'] * 1e3:9.2f} "
                      f"{r['fastbn_step_s'] * 1e3:9.2f} {r['step_ratio']:6.2f}x {r['torch_bn_s'] * 1e3:11.2f} "
                      f"{r['fastbn_bn_s'] * 1e3:12.2f} {r['bn_ratio']:5.2f}x {100 * r['torch_bn_share']:9.0f}% "
-                     f"{100 * r['fastbn_bn_share']:10.0f}%")
+                     f"{100 * r['fastbn_bn_share']:10.0f}% {r['bn_alone_ratio']:6.2f}x")
     return "\n".join(lines)
 
 
@@ -166,6 +224,8 @@ STEP_LEGEND = (
     "step x = torch step / fastbn step (> 1: fastbn.torch.convert makes the step faster).\n"
     "BN: time inside the batch-norm modules per step (forward and backward), from module hooks "
     "(forward pre-hook..hook, full backward pre-hook..hook) in separate, hooked steps; BN x = torch BN / fastbn BN; "
-    "BN % = BN time / the hooked step's time.\n"
+    "BN % = BN time / the hooked step's time; alone x = the same batch-norm modules' forward + backward "
+    "on the step's batch-norm inputs with no other op between them, torch / fastbn (what BN x would be if "
+    "the other layers left no trace in caches and thread pools).\n"
     "Both libraries run in this one process, alternating, with a pause between them; no OMP_WAIT_POLICY "
     "or spin setting is forced (the environment's thread settings are printed above).")

@@ -109,6 +109,7 @@ def test_bench_step_compares_training_steps():
         assert r["output_rel_diff"] < 1e-4  # converted from the same initial weights
         assert r["step_ratio"] == r["torch_step_s"] / r["fastbn_step_s"]
         assert 0 < r["torch_bn_share"] < 1 and 0 < r["fastbn_bn_share"] < 1
+        assert len(r["bn_shapes"]) == 4 and r["bn_alone_ratio"] == r["torch_bn_alone_s"] / r["fastbn_bn_alone_s"]
 
 
 @pytest.mark.background(COLD_CACHE_RUN, "warmup")
