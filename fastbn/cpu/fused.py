@@ -42,10 +42,11 @@ def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, r
     overlap with x3 or residual3 is written through a temporary); weight, bias: (kept,) or
     placeholders; eval_mean, eval_var: the statistics eval normalizes with (may be
     read-only; placeholders in training); running_mean, running_var: updated in training
-    when ``update_running`` (placeholders otherwise, never written); saved: (2, kept) output (save_mean, save_invstd) in the statistics
-    dtype (the batch mean is kept in float64 until the coefficients are made, as in the
-    stages, whatever that dtype); residual3, floor: the epilogue of
-    :func:`fastbn.cpu.small.small_apply` (``floor`` in the compute dtype).
+    when ``update_running`` (placeholders otherwise, never written); saved: (2, kept)
+    output (save_mean, save_invstd) in the statistics dtype (the batch mean is kept in
+    float64 until the coefficients are made, as in the stages, whatever that dtype);
+    residual3, floor: the epilogue of :func:`fastbn.cpu.small.small_apply` (``floor`` in
+    the compute dtype).
     """
     kept = saved.shape[1]
     coefficients = np.full((3, kept), floor)  # scratch in the compute dtype, floor's type
