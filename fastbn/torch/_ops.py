@@ -102,7 +102,14 @@ def _as_tensor(array, device):
 
 def _like(result, x):
     """``result`` with the strides ``torch.empty_like(x)`` has (what the fake kernels
-    promise the compiler); a copy only when fastbn chose other strides."""
+    promise the compiler); a copy only when fastbn chose other strides.
+
+    fastbn's results are dense; strides equal to x's then mean x is dense too (density is
+    a property of shape and strides), whose strides ``empty_like`` keeps: the common case
+    needs no template tensor.
+    """
+    if result.stride() == x.stride() and result.dtype == x.dtype:
+        return result
     template = torch.empty_like(x)
     if result.stride() != template.stride() or result.dtype != x.dtype:
         return template.copy_(result)
@@ -117,19 +124,22 @@ def _statistics_dtype(x):
 # --------------------------------------------------------------------------- forward op
 
 
-def _forward_into_new(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """``(y, save_mean, save_invstd)`` of fastbn's batch_norm_forward, ``y`` written into
-    a new ``torch.empty_like(x)`` (x's memory format: the strides the fake kernel
-    promises); running statistics updated in place by the kernel when training with them."""
-    y = torch.empty_like(x)
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(y, save_mean, save_invstd)`` of fastbn's batch_norm_forward as tensors, ``y``
+    with the strides of ``torch.empty_like(x)``; running statistics updated in place by
+    the kernel when training with them.
+
+    fastbn allocates ``y`` (``out=`` costs more: its overlap checks, ~10 us a call on
+    small tensors, exceed a NumPy allocation and ``torch.from_numpy``)."""
     try:
-        _, mean, invstd = batch_norm_forward(
+        y, mean, invstd = batch_norm_forward(
             _as_fastbn_array(x), _as_fastbn_array(weight), _as_fastbn_array(bias),
             running_mean=_as_fastbn_array(running_mean), running_var=_as_fastbn_array(running_var),
-            training=training, momentum=momentum, eps=eps, layout="NCHW", out=_as_fastbn_array(y))
+            training=training, momentum=momentum, eps=eps, layout="NCHW")
     except (TypeError, ValueError) as error:
         raise _reraise_as_torch(error) from None
-    return y, _as_tensor(mean, x.device), _as_tensor(invstd, x.device)
+    device = x.device
+    return _like(_as_tensor(y, device), x), _as_tensor(mean, device), _as_tensor(invstd, device)
 
 
 def _overlaps(a, b):
@@ -147,16 +157,17 @@ def _batch_norm_in_place(x, weight, bias, running_mean, running_var, training, m
     in_range = 0.0 <= momentum <= 1.0
     kernel_updates = updates and in_range
     kernel_stats = (running_mean, running_var) if kernel_updates or not training else (None, None)
-    y, mean, invstd = _forward_into_new(x, weight, bias, *kernel_stats, training,
-                                        momentum if kernel_updates else 0.0, eps)
+    y, mean, invstd = _forward(x, weight, bias, *kernel_stats, training,
+                               momentum if kernel_updates else 0.0, eps)
     if kernel_updates:
         # Written through NumPy views, unseen by autograd: the version counter says so.
         torch.autograd.graph.increment_version((running_mean, running_var))
     elif updates:
         count = x.numel() // x.shape[1]
         unbiased = (1.0 / invstd.square() - eps) * (count / (count - 1))
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     elif not training and (_overlaps(mean, running_mean) or _overlaps(invstd, running_var)):
         # Eval's statistics are the running ones: fastbn returns them as new arrays, but
         # were they the buffers themselves, the outputs (saved for backward, and an
@@ -212,16 +223,16 @@ def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, momen
 
 def _batch_norm_backward_kernel(dy, x, save_mean, save_invstd, weight, training):
     """The body of ``fastbn::batch_norm_backward`` (and the first-order backward of
-    :class:`EagerBatchNorm`): ``dx`` written into a new ``torch.empty_like(x)``."""
-    dx = torch.empty_like(x)
+    :class:`EagerBatchNorm`): ``dx`` with the strides of ``torch.empty_like(x)``, as in
+    :func:`_forward`."""
     try:
-        _, dweight, dbias = batch_norm_backward(
+        dx, dweight, dbias = batch_norm_backward(
             _as_fastbn_array(dy), _as_fastbn_array(x), _as_fastbn_array(save_mean),
-            _as_fastbn_array(save_invstd), _as_fastbn_array(weight), training=training, layout="NCHW",
-            out=_as_fastbn_array(dx))
+            _as_fastbn_array(save_invstd), _as_fastbn_array(weight), training=training, layout="NCHW")
     except (TypeError, ValueError) as error:
         raise _reraise_as_torch(error) from None
-    return dx, _as_tensor(dweight, x.device), _as_tensor(dbias, x.device)
+    device = x.device
+    return _like(_as_tensor(dx, device), x), _as_tensor(dweight, device), _as_tensor(dbias, device)
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
