@@ -16,7 +16,8 @@ What runs where:
   dimension into the channels (each vmapped slice is normalized on its own, as torch
   does);
 - eager calls on plain CPU/CUDA tensors skip the operator's dispatch: the same kernels
-  and derivative through one ``autograd.Function`` (:class:`EagerBatchNorm`)."""
+  and derivative through one ``autograd.Function`` (:class:`EagerBatchNorm`), which
+  updates the running statistics in place instead of returning new ones."""
 
 from typing import Optional
 
@@ -160,7 +161,7 @@ def _batch_norm_in_place(x, weight, bias, running_mean, running_var, training, m
     y, mean, invstd = _forward(x, weight, bias, *kernel_stats, training,
                                momentum if kernel_updates else 0.0, eps)
     if kernel_updates:
-        # Written through NumPy views, unseen by autograd: the version counter says so.
+        # Written by fastbn's kernels, unseen by autograd: the version counter says so.
         torch.autograd.graph.increment_version((running_mean, running_var))
     elif updates:
         count = x.numel() // x.shape[1]
