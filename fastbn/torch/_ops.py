@@ -16,7 +16,8 @@ What runs where:
   dimension into the channels (each vmapped slice is normalized on its own, as torch
   does);
 - eager calls on plain CPU/CUDA tensors skip the operator's dispatch: the same kernels
-  and derivative through one ``autograd.Function`` (:class:`EagerBatchNorm`)."""
+  and derivative through one ``autograd.Function`` (:class:`EagerBatchNorm`), which
+  updates the running statistics in place instead of returning new ones."""
 
 from typing import Optional
 
@@ -68,17 +69,19 @@ def _as_fastbn_array(tensor):
     CPU: a NumPy view of the same memory; bfloat16 tensors as ``ml_dtypes.bfloat16``
     arrays, through their 16-bit integer view (NumPy has no bfloat16, so
     ``tensor.numpy()`` refuses them).  CUDA: a numba device-array view of the same
-    memory through ``__cuda_array_interface__`` (refused by a tensor that requires grad,
-    hence ``detach``).
+    memory through ``__cuda_array_interface__``.  Both refuse a tensor that requires
+    grad, hence ``detach``, only then: this runs for every tensor of every call, and
+    ``is_cpu``/``requires_grad`` cost a tenth of ``device.type``/``detach()``.
     """
     if tensor is None:
         return None
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        if tensor.dtype == torch.bfloat16:
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.is_cpu:
+        if tensor.dtype is torch.bfloat16:
             return tensor.view(torch.int16).numpy().view(_bfloat16_numpy())
         return tensor.numpy()
-    if tensor.device.type != "cuda":
+    if not tensor.is_cuda:
         raise TypeError(f"fastbn.torch: expected a CPU or CUDA tensor, got one on {tensor.device}")
     from numba import cuda  # only CUDA tensors need numba.cuda
 
@@ -100,7 +103,14 @@ def _as_tensor(array, device):
 
 def _like(result, x):
     """``result`` with the strides ``torch.empty_like(x)`` has (what the fake kernels
-    promise the compiler); a copy only when fastbn chose other strides."""
+    promise the compiler); a copy only when fastbn chose other strides.
+
+    fastbn's results are dense; strides equal to x's then mean x is dense too (density is
+    a property of shape and strides), whose strides ``empty_like`` keeps: the common case
+    needs no template tensor.
+    """
+    if result.stride() == x.stride() and result.dtype == x.dtype:
+        return result
     template = torch.empty_like(x)
     if result.stride() != template.stride() or result.dtype != x.dtype:
         return template.copy_(result)
@@ -115,34 +125,68 @@ def _statistics_dtype(x):
 # --------------------------------------------------------------------------- forward op
 
 
-def _batch_norm_kernel(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """The body of ``fastbn::batch_norm`` (and of :class:`EagerBatchNorm`)."""
-    updates = training and running_mean is not None
-    in_range = 0.0 <= momentum <= 1.0
-    new_mean = running_mean.clone() if updates else None
-    new_var = running_var.clone() if updates else None
-    kernel_stats = (new_mean, new_var) if updates and in_range else (None, None) if training \
-        else (running_mean, running_var)
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(y, save_mean, save_invstd)`` of fastbn's batch_norm_forward as tensors, ``y``
+    with the strides of ``torch.empty_like(x)``; running statistics updated in place by
+    the kernel when training with them.
+
+    fastbn allocates ``y`` (``out=`` costs more: its overlap checks, ~10 us a call on
+    small tensors, exceed a NumPy allocation and ``torch.from_numpy``)."""
     try:
         y, mean, invstd = batch_norm_forward(
             _as_fastbn_array(x), _as_fastbn_array(weight), _as_fastbn_array(bias),
-            running_mean=_as_fastbn_array(kernel_stats[0]), running_var=_as_fastbn_array(kernel_stats[1]),
-            training=training, momentum=momentum if updates and in_range else 0.0, eps=eps, layout="NCHW")
+            running_mean=_as_fastbn_array(running_mean), running_var=_as_fastbn_array(running_var),
+            training=training, momentum=momentum, eps=eps, layout="NCHW")
     except (TypeError, ValueError) as error:
         raise _reraise_as_torch(error) from None
-    y = _like(_as_tensor(y, x.device), x)
-    # clone: in eval the statistics may be the running buffers themselves, and an
-    # operator's outputs must not alias its inputs.
-    mean = _as_tensor(mean, x.device).clone()
-    invstd = _as_tensor(invstd, x.device).clone()
-    if updates and not in_range:
+    device = x.device
+    return _like(_as_tensor(y, device), x), _as_tensor(mean, device), _as_tensor(invstd, device)
+
+
+def _overlaps(a, b):
+    """True when (C,) tensors ``a`` and ``b`` (contiguous, one device) share memory."""
+    start, end = a.data_ptr(), b.data_ptr()
+    return start < end + b.nbytes and end < start + a.nbytes
+
+
+def _batch_norm_in_place(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(y, save_mean, save_invstd)``, the running statistics updated in place when
+    training with them (the body of :class:`EagerBatchNorm`; ``fastbn::batch_norm`` runs
+    it on copies).  A momentum outside [0, 1] (torch accepts any) is applied with torch
+    ops after the kernels, fastbn's taking [0, 1]."""
+    updates = training and running_mean is not None
+    in_range = 0.0 <= momentum <= 1.0
+    kernel_updates = updates and in_range
+    kernel_stats = (running_mean, running_var) if kernel_updates or not training else (None, None)
+    y, mean, invstd = _forward(x, weight, bias, *kernel_stats, training,
+                               momentum if kernel_updates else 0.0, eps)
+    if kernel_updates:
+        # Written by fastbn's kernels, unseen by autograd: the version counter says so.
+        torch.autograd.graph.increment_version((running_mean, running_var))
+    elif updates:
         count = x.numel() // x.shape[1]
         unbiased = (1.0 / invstd.square() - eps) * (count / (count - 1))
-        new_mean.mul_(1 - momentum).add_(mean.to(new_mean.dtype), alpha=momentum)
-        new_var.mul_(1 - momentum).add_(unbiased.to(new_var.dtype), alpha=momentum)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    elif not training and (_overlaps(mean, running_mean) or _overlaps(invstd, running_var)):
+        # Eval's statistics are the running ones: fastbn returns them as new arrays, but
+        # were they the buffers themselves, the outputs (saved for backward, and an
+        # operator's outputs) must not follow later updates of the buffers.
+        mean, invstd = mean.clone(), invstd.clone()
+    return y, mean, invstd
+
+
+def _batch_norm_kernel(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """The body of ``fastbn::batch_norm``: :func:`_batch_norm_in_place` on copies of the
+    running statistics (an operator's outputs must not alias its inputs)."""
+    updates = training and running_mean is not None
+    if updates:
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    y, mean, invstd = _batch_norm_in_place(x, weight, bias, running_mean, running_var, training, momentum, eps)
     if not updates:
-        new_mean, new_var = x.new_empty((0,)), x.new_empty((0,))
-    return y, mean, invstd, new_mean, new_var
+        running_mean, running_var = x.new_empty((0,)), x.new_empty((0,))
+    return y, mean, invstd, running_mean, running_var
 
 
 @torch.library.custom_op("fastbn::batch_norm", mutates_args=())
@@ -180,15 +224,16 @@ def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, momen
 
 def _batch_norm_backward_kernel(dy, x, save_mean, save_invstd, weight, training):
     """The body of ``fastbn::batch_norm_backward`` (and the first-order backward of
-    :class:`EagerBatchNorm`)."""
+    :class:`EagerBatchNorm`): ``dx`` with the strides of ``torch.empty_like(x)``, as in
+    :func:`_forward`."""
     try:
         dx, dweight, dbias = batch_norm_backward(
             _as_fastbn_array(dy), _as_fastbn_array(x), _as_fastbn_array(save_mean),
             _as_fastbn_array(save_invstd), _as_fastbn_array(weight), training=training, layout="NCHW")
     except (TypeError, ValueError) as error:
         raise _reraise_as_torch(error) from None
-    return (_like(_as_tensor(dx, x.device), x), _as_tensor(dweight, x.device).clone(),
-            _as_tensor(dbias, x.device).clone())
+    device = x.device
+    return _like(_as_tensor(dx, device), x), _as_tensor(dweight, device), _as_tensor(dbias, device)
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
@@ -224,21 +269,22 @@ class EagerBatchNorm(torch.autograd.Function):
     first-order backward calls the backward kernel function directly; with
     ``create_graph`` it calls the backward operator, so higher orders work as before).
     :func:`batch_norm` uses it when nothing traces or transforms the call (see :func:`_eager`).
+    Returns ``(y, save_mean, save_invstd)`` and updates the running statistics in place
+    (buffers, outside autograd): no copies of them, as the operator needs.
     ``forward`` takes ``ctx`` (no separate ``setup_context``): with one, ``apply`` binds
     its arguments through ``inspect.signature`` at every call (~80 us here).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        inputs = (x, weight, bias, running_mean, running_var, training, momentum, eps)
-        output = _batch_norm_kernel(*inputs)
-        _forward_setup_context(ctx, inputs, output)
-        return output
+        y, mean, invstd = _batch_norm_in_place(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        _forward_setup_context(ctx, (x, weight, bias, running_mean, running_var, training, momentum, eps),
+                               (y, mean, invstd, None, None))
+        return y, mean, invstd
 
     @staticmethod
-    def backward(ctx, grad_y, grad_mean, grad_invstd, grad_new_mean, grad_new_var):
-        return _forward_backward(ctx, grad_y, grad_mean, grad_invstd, grad_new_mean, grad_new_var,
-                                 eager=_batch_norm_backward_kernel)
+    def backward(ctx, grad_y, grad_mean, grad_invstd):
+        return _forward_backward(ctx, grad_y, grad_mean, grad_invstd, None, None, eager=_batch_norm_backward_kernel)
 
 
 def _eager(x):
@@ -311,22 +357,30 @@ batch_norm_backward_op.register_vmap(_batch_norm_backward_vmap)
 
 def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, batches=None):
     """``(y, save_mean, save_invstd)``, running statistics updated in place when training
-    with them: the operator, or :class:`BatchNormFunction` under torch.func transforms
-    and forward-mode AD (which operators cannot define).
+    with them: :class:`EagerBatchNorm` (or its body alone when no gradient is recorded)
+    for eager calls, :class:`BatchNormFunction` under torch.func transforms and
+    forward-mode AD (which operators cannot define), else the operator.
 
     ``momentum=None`` with ``batches`` (a tensor, the number of batches seen including
-    this one): cumulative moving average, ``r += (batch - r) / batches``, computed as a
-    tensor so torch.compile does not turn ``batches`` into a Python number.
+    this one): cumulative moving average, ``r += (batch - r) / batches``.  Eagerly and
+    under transforms as torch's module computes it, momentum ``1 / batches``; through the
+    operator as a tensor, so torch.compile does not turn ``batches`` into a Python number.
     """
+    transformed = _needs_function((x, weight, bias, running_mean, running_var))
+    eager = not transformed and _eager(x)
     cumulative = momentum is None
-    if cumulative and _needs_function((x, weight, bias, running_mean, running_var)):
+    if cumulative and (transformed or eager):
         momentum, cumulative = 1.0 / float(batches), False
     args = (x, weight, bias, running_mean, running_var, bool(training),
             1.0 if cumulative else float(momentum), float(eps))
-    if _needs_function(args[:5]):
+    if transformed:
         return BatchNormFunction.apply(*args)
-    op = EagerBatchNorm.apply if _eager(x) else torch.ops.fastbn.batch_norm
-    y, mean, invstd, new_mean, new_var = op(*args)
+    if eager:
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            return EagerBatchNorm.apply(*args)
+        return _batch_norm_in_place(*args)  # nothing to record: the Function's body alone
+    y, mean, invstd, new_mean, new_var = torch.ops.fastbn.batch_norm(*args)
     if training and running_mean is not None:
         with torch.no_grad():
             if cumulative:  # momentum 1 gave the batch statistics themselves
