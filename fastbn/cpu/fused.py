@@ -33,6 +33,16 @@ def partial_overlap(a, b):
     return a0 != b0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
+@inline_helper
+def copy_values(dst, src):
+    """dst[...] = src for C-contiguous arrays of one shape (a flat loop: an array
+    assignment compiles Numba's general broadcasting code, seconds of a cold first call)."""
+    d = dst.reshape(dst.size)
+    s = src.reshape(src.size)
+    for i in range(d.size):
+        d[i] = s[i]
+
+
 @serial_kernel
 def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, running_mean, running_var,
                   training, update_running, momentum, eps, big, saved, residual3, floor, y3):
@@ -49,7 +59,7 @@ def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, r
     the compute dtype).
     """
     kept = saved.shape[1]
-    coefficients = np.full((3, kept), floor)  # scratch in the compute dtype, floor's type
+    coefficients = np.empty((3, kept), weight.dtype)  # scratch: the compute dtype is the parameter dtype
     center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
     if training:
         count = np.empty(kept)
@@ -69,7 +79,7 @@ def small_forward(x3, weight, bias, use_weight, use_bias, eval_mean, eval_var, r
     target = np.empty_like(y3) if through else y3
     small.small_apply(x3, residual3, center, scale, shift, floor, target)
     if through:
-        y3[...] = target
+        copy_values(y3, target)
 
 
 @serial_kernel
@@ -88,7 +98,7 @@ def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training
     sum_dy_xmu = np.empty(kept)
     small.small_backward_sums(dy3, x3, None, save_mean, count, sum_dy, sum_dy_xmu)
     channels.weight_bias_gradients(sum_dy, sum_dy_xmu, save_invstd, grads[0], grads[1])
-    coefficients = np.full((4, kept), floor)  # scratch in the compute dtype, floor's type
+    coefficients = np.empty((4, kept), weight.dtype)  # scratch: the compute dtype is the parameter dtype
     center, dy_scale, x_scale, shift = coefficients[0], coefficients[1], coefficients[2], coefficients[3]
     channels.backward_coefficients(count, sum_dy, sum_dy_xmu, save_mean, save_invstd, weight, use_weight,
                                    training, big, center, dy_scale, x_scale, shift)
@@ -99,7 +109,7 @@ def small_backward(dy3, x3, save_mean, save_invstd, weight, use_weight, training
     else:
         small.small_apply(dy3, None, center, dy_scale, shift, floor, target)
     if through:
-        dx3[...] = target
+        copy_values(dx3, target)
 
 
 class _SmallPass:
