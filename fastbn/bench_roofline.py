@@ -9,7 +9,7 @@ import numba as _numba
 import numpy as np
 
 from fastbn._timing import best_per_call
-from fastbn.cpu._jit import FASTMATH
+from fastbn.cpu._jit import guarded, parallel_kernel
 from fastbn.half import storage_view
 
 _ROOFLINES = {}
@@ -79,8 +79,13 @@ def _probe(a, b, out, reads, copy, chunks, partial):
         partial[c] = s
 
 
-_probe_parallel = _numba.njit(parallel=True, cache=True, fastmath=set(FASTMATH))(_probe)
-_probe_serial = _numba.njit(cache=True, fastmath=set(FASTMATH))(_probe)
+# The serial build is GuardedKernel.serial: a clone under its own name, so the two builds
+# get distinct on-disk cache entries (Numba's cache key omits ``parallel``: with one name,
+# whichever build was cached first was loaded for both, and the "parallel" probe ran on
+# one thread).
+_probe_kernel = guarded(parallel_kernel(_probe))
+_probe_parallel = _probe_kernel.parallel
+_probe_serial = _probe_kernel.serial
 
 #: Per op: (read passes over the inputs, whether a copy pass writes the output); backward
 #: reads dy and x, forward ops read x only.
