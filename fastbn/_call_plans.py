@@ -12,8 +12,8 @@ the backend's plan for it (a callable taking the arrays, e.g.
 :class:`fastbn.cpu.fused.SmallForward`), and later calls of the same structure run the
 plan.  The one property a key cannot hold, whether the running statistics share memory,
 is tested per call (:func:`lookup`), and so is the overlap of ``out`` with the inputs
-(by the plan, which writes through a temporary when they overlap in part).  A plan is
-also a choice of kernels, so keys hold the threshold that makes it
+(by the plan's compiled kernel, which writes through a temporary when they overlap in
+part).  A plan is also a choice of kernels, so keys hold the threshold that makes it
 (``fastbn.cpu.small.SMALL_SIZE``, which tests and ``python -m fastbn warmup`` change to
 reach the parallel kernels).
 

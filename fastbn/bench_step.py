@@ -41,6 +41,13 @@ def step_model(kind, seed=0):
     raise ValueError(f"unknown model {kind!r}")
 
 
+def batch_norm_modules(model):
+    """``model``'s batch-norm modules (torch's and fastbn.torch's), in module order."""
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 class BatchNormTimer:
     """Wall time spent inside batch-norm modules, forward and backward, from module hooks:
     forward pre-hook to forward hook, and full backward pre-hook (gradient of the output
@@ -48,16 +55,14 @@ class BatchNormTimer:
     from the timed ones (hooks cost time of their own)."""
 
     def __init__(self, model):
-        import torch
         self.seconds = 0.0
         self._handles = []
         self._start = {}
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                self._handles += [m.register_forward_pre_hook(self._begin),
-                                  m.register_forward_hook(self._end),
-                                  m.register_full_backward_pre_hook(self._begin),
-                                  m.register_full_backward_hook(self._end)]
+        for m in batch_norm_modules(model):
+            self._handles += [m.register_forward_pre_hook(self._begin),
+                              m.register_forward_hook(self._end),
+                              m.register_full_backward_pre_hook(self._begin),
+                              m.register_full_backward_hook(self._end)]
 
     def _begin(self, module, *args):
         self._start[id(module)] = time.perf_counter()
@@ -78,7 +83,7 @@ def batch_norm_inputs(model, x):
     seen = []
     hooks = [m.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone(
                  memory_format=torch.preserve_format)))
-             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+             for m in batch_norm_modules(model)]
     try:
         with torch.no_grad():
             model(x)
@@ -96,10 +101,9 @@ def batch_norm_alone(model, inputs, steps, rounds):
     the other layers left no trace (caches, thread pools)."""
     import torch
 
-    modules = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     cases = []
-    for m, x in zip(modules, inputs):
-        x = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    for m, x in zip(batch_norm_modules(model), inputs):
+        x = x.detach().requires_grad_()  # a leaf of its own over the shared input's memory
         grad = torch.empty_like(x, requires_grad=False).normal_(generator=torch.Generator().manual_seed(2))
         cases.append((m, x, grad))
 

@@ -128,10 +128,8 @@ def _statistics_dtype(x):
 def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
     """``(y, save_mean, save_invstd)`` of fastbn's batch_norm_forward as tensors, ``y``
     with the strides of ``torch.empty_like(x)``; running statistics updated in place by
-    the kernel when training with them.
-
-    fastbn allocates ``y`` (``out=`` costs more: its overlap checks, ~10 us a call on
-    small tensors, exceed a NumPy allocation and ``torch.from_numpy``)."""
+    the kernel when training with them.  fastbn allocates ``y``, which comes back through
+    ``torch.from_numpy`` without a copy."""
     try:
         y, mean, invstd = batch_norm_forward(
             _as_fastbn_array(x), _as_fastbn_array(weight), _as_fastbn_array(bias),
